@@ -1,0 +1,47 @@
+"""Residual-stream statistics per layer: mean L2 norm, std and variance over dims and
+non-first positions (position 0 reported apart), and the largest |activation| with its
+position, dim and token.
+
+These are the raw numbers behind "The Curse of Depth in Large Language Models" (Sun et
+al., 2025) and "Massive Activations in Large Language Models" (Sun et al., 2024).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from layerscope.probes.capture import Capture, ProbeSpec
+from layerscope.probes.reducers import FIRST, REST, ResidualMoments, moment_summary
+
+PROBE = ProbeSpec(reducers=(ResidualMoments(kinds=("resid_pre", "resid_mid", "resid_post")),))
+
+
+@torch.no_grad()
+def residual_stats(capture: Capture, decode=None) -> pd.DataFrame:
+    """One row per (point, layer): `mean_norm`, `std`, `variance` (non-first positions),
+    `mean_norm_first` and `std_first` (position 0), and `max_abs` with `max_window`,
+    `max_position`, `max_dim` and `max_token` (text when `decode` is given)."""
+    result = capture["moments"]
+    kinds = result["kinds"]
+    rest = moment_summary(result["moments"], REST)
+    first = moment_summary(result["moments"], FIRST)
+    rows = []
+    for k, kind in enumerate(kinds):
+        for layer in range(capture.n_layers):
+            window, pos, dim, token = result["max_where"][k, layer].tolist()
+            rows.append({
+                "point": kind,
+                "layer": layer,
+                "mean_norm": rest["mean_norm"][k, layer].item(),
+                "std": rest["std"][k, layer].item(),
+                "variance": rest["variance"][k, layer].item(),
+                "mean_norm_first": first["mean_norm"][k, layer].item(),
+                "std_first": first["std"][k, layer].item(),
+                "max_abs": result["max_abs"][k, layer].item(),
+                "max_window": window,
+                "max_position": pos,
+                "max_dim": dim,
+                "max_token": decode([token]) if decode else token,
+            })
+    return pd.DataFrame(rows)

@@ -1,0 +1,214 @@
+"""The `layerscope` command line: list models, run measurements, manage runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import MISSING, asdict, fields
+from importlib import metadata
+from pathlib import Path
+
+from layerscope.probes.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def _quiet_libraries() -> None:
+    """Library warnings drown the one line a user needs; layerscope reports its own."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("transformers", "transformer_lens", "nnsight", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
+    from layerscope.probes.corpus import CorpusSpec
+
+    defaults = CorpusSpec()
+    parser.add_argument("--model", default="smollm2-135m", help="zoo name, local HF directory or Hub id")
+    parser.add_argument("--corpus", default=defaults.source,
+                        help="'stdlib' (default), a .txt or .jsonl file, or 'text:...' for literal text")
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window")
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="token budget")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per forward pass")
+    parser.add_argument("--backend", default="hooks", choices=["hooks", "transformer_lens", "nnsight"])
+    parser.add_argument("--format", default="table", choices=["table", "json"])
+    parser.add_argument("--runs-dir", default="runs", help="run store folder")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not write a run")
+
+
+def _add_metric_options(parser: argparse.ArgumentParser, options_type: type) -> None:
+    for f in fields(options_type):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+            default = None if f.default is MISSING else f.default
+            parser.add_argument(flag, type=kind, default=default,
+                                choices=f.metadata.get("choices"), help=f"{help_text} (default {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from layerscope.analysis.registry import METRICS
+
+    parser = _Parser(prog="layerscope", description="What does each layer of a transformer do?")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    models = sub.add_parser("models", help="list the models the zoo can load")
+    models.add_argument("--format", default="table", choices=["table", "json"])
+
+    analyze = sub.add_parser("analyze", help="run a measurement")
+    metric_sub = analyze.add_subparsers(dest="metric", required=True, parser_class=_Parser)
+    for metric in METRICS.values():
+        p = metric_sub.add_parser(metric.name, help=metric.summary, description=metric.summary)
+        _add_corpus_args(p)
+        _add_metric_options(p, metric.options)
+
+    runs = sub.add_parser("runs", help="list, show, remove or export stored runs")
+    runs.add_argument("action", choices=["list", "show", "rm", "export"])
+    runs.add_argument("run_id", nargs="?")
+    runs.add_argument("--runs-dir", default="runs")
+    runs.add_argument("--format", default="table", choices=["table", "json"])
+    runs.add_argument("-o", "--output", help="export target folder")
+    return parser
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for package in ("layerscope", "torch", "transformers", "transformer-lens", "nnsight"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _print_tables(tables: dict, fmt: str, run_path: Path | None) -> None:
+    import pandas as pd
+
+    if fmt == "json":
+        payload = {name: json.loads(t.to_json(orient="records")) for name, t in tables.items()}
+        if run_path:
+            payload["run"] = str(run_path)
+        print(json.dumps(payload))
+        return
+    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30,
+                           "display.float_format", "{:.4g}".format):
+        for name, table in tables.items():
+            print(f"\n{name}")
+            print(table.to_string(index=False))
+    if run_path:
+        print(f"\nsaved run: {run_path}")
+
+
+def cmd_analyze(args) -> int:
+    from layerscope.analysis.registry import METRICS
+    from layerscope.analysis.store import save_run
+    from layerscope.probes.corpus import CorpusSpec, token_windows
+    from layerscope.probes.zoo import load_model
+
+    metric = METRICS[args.metric]
+    options = metric.options(**{name: getattr(args, name) for name in metric.option_names})
+    started = time.perf_counter()
+    loaded = load_model(args.model)
+    load_seconds = time.perf_counter() - started
+    corpus = CorpusSpec(args.corpus, args.seq_len, args.max_tokens, args.batch_size)
+    windows = token_windows(corpus, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+    progress = args.format == "table" and sys.stderr.isatty() or os.environ.get("LAYERSCOPE_PROGRESS") == "1"
+    tables = metric.run(loaded, windows, options, backend=args.backend, progress=progress)
+    run_path = None
+    if not args.no_save:
+        manifest = {
+            "metric": metric.name,
+            "model": {**loaded.card(), "weights_hash": loaded.weights_hash},
+            "corpus": windows.manifest(),
+            "options": asdict(options),
+            "backend": args.backend,
+            "versions": _versions(),
+            "timings": {"load_seconds": load_seconds, "total_seconds": time.perf_counter() - started},
+        }
+        run_path = save_run(tables, manifest, Path(args.runs_dir))
+    _print_tables(tables, args.format, run_path)
+    return 0
+
+
+def cmd_models(args) -> int:
+    import pandas as pd
+
+    from layerscope.probes.zoo import list_models
+
+    rows = list_models()
+    if args.format == "json":
+        print(json.dumps(rows))
+    else:
+        print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    import pandas as pd
+
+    from layerscope.analysis.store import list_runs, load_run
+
+    root = Path(args.runs_dir)
+    if args.action == "list":
+        rows = list_runs(root)
+        print(json.dumps(rows) if args.format == "json" else
+              (pd.DataFrame(rows).to_string(index=False) if rows else f"no runs in {root}"))
+        return 0
+    if not args.run_id:
+        raise UserError(f"`layerscope runs {args.action}` needs a run id")
+    manifest, tables = load_run(args.run_id, root)
+    if args.action == "show":
+        if args.format == "json":
+            print(json.dumps(manifest, default=str))
+        else:
+            print(json.dumps(manifest, indent=2, default=str))
+            _print_tables(tables, "table", None)
+    elif args.action == "rm":
+        shutil.rmtree(root / args.run_id)
+        print(f"removed {args.run_id}")
+    elif args.action == "export":
+        target = Path(args.output or f"{args.run_id}-export")
+        target.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            table.to_csv(target / f"{name}.csv", index=False)
+        (target / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        print(f"exported {args.run_id} to {target}")
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "models": cmd_models, "runs": cmd_runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"layerscope: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("layerscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

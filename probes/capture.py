@@ -1,0 +1,113 @@
+"""Capture: run the model once per batch and fold each batch into streaming reducers.
+
+A `ProbeSpec` declares reducers; each reducer names the points it reads.  `capture`
+runs the backend on every batch, hands the batch's activations to each reducer's state,
+and drops them, so the memory held grows with the model, never with the corpus.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from layerscope.probes.backends import Activations, Point, get_backend
+from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.zoo import LoadedModel
+
+
+@dataclass
+class Batch:
+    """What a reducer sees besides activations: the tokens and logits of the batch."""
+
+    input_ids: Int[torch.Tensor, "batch pos"]
+    logits: Float[torch.Tensor, "batch pos vocab"] | None
+    offset: int  # index of the batch's first window in the corpus
+
+
+class ReducerState(Protocol):
+    def update(self, acts: Activations, batch: Batch) -> None: ...
+
+    def result(self) -> dict: ...
+
+
+class Reducer(Protocol):
+    """A frozen, declarative description of a streaming statistic."""
+
+    name: str
+
+    def points(self, loaded: LoadedModel) -> list[Point]: ...
+
+    def start(self, loaded: LoadedModel) -> ReducerState: ...
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    reducers: tuple[Reducer, ...]
+
+
+@dataclass
+class Capture:
+    """Reduced statistics by reducer name, plus what produced them."""
+
+    results: dict[str, dict]
+    model: str
+    n_layers: int
+    n_tokens: int
+    backend: str
+    seconds: float
+    peak_state_bytes: int
+    token_ids: Int[torch.Tensor, "window pos"] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, reducer_name: str) -> dict:
+        return self.results[reducer_name]
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes held by the tensors inside nested dicts, lists and objects' __dict__."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return tensor_bytes(vars(obj))
+    return 0
+
+
+def capture(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: str = "hooks",
+            progress: bool = True) -> Capture:
+    """Run the model over every window once and fold the activations into the spec's reducers."""
+    runner = get_backend(backend)
+    states = {r.name: r.start(loaded) for r in spec.reducers}
+    wanted = sorted({p for r in spec.reducers for p in r.points(loaded)}, key=str)
+    peak = 0
+    offset = 0
+    started = time.perf_counter()
+    bar = tqdm(windows, total=len(windows), disable=not progress, unit="batch",
+               desc=f"{loaded.spec.name} x {windows.n_tokens} tokens")
+    for input_ids in bar:
+        logits, acts = runner.run(loaded, input_ids, wanted)
+        batch = Batch(input_ids, logits, offset)
+        for reducer in spec.reducers:
+            states[reducer.name].update({p: acts[p] for p in reducer.points(loaded)}, batch)
+        del acts, logits
+        offset += input_ids.shape[0]
+        peak = max(peak, tensor_bytes(states))
+    return Capture(
+        results={name: state.result() for name, state in states.items()},
+        model=loaded.spec.name,
+        n_layers=loaded.n_layers,
+        n_tokens=windows.n_tokens,
+        backend=backend,
+        seconds=time.perf_counter() - started,
+        peak_state_bytes=peak,
+        token_ids=windows.input_ids,
+        meta={"corpus": windows.manifest(), "model": loaded.card()},
+    )
