@@ -210,7 +210,8 @@ class NNsightBackend:
         if key not in self._wrapped:
             from nnsight.modeling.transformers import TransformersModel
 
-            self._wrapped[key] = TransformersModel(loaded.model, tokenizer=loaded.tokenizer)
+            task = "text-generation" if loaded.adapter.causal else "fill-mask"
+            self._wrapped[key] = TransformersModel(loaded.model, tokenizer=loaded.tokenizer, task=task)
         return self._wrapped[key]
 
     def run(self, loaded, input_ids, wanted):

@@ -7,6 +7,7 @@ with `ast`, never imported), so a corpus is always present offline.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import sys
@@ -40,7 +41,8 @@ class CorpusSpec:
         return self.source
 
 
-def stdlib_docstrings() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def stdlib_docstrings() -> tuple[str, ...]:
     """Docstrings longer than 200 characters from the top-level stdlib modules, in file-name order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs: list[str] = []
@@ -55,7 +57,7 @@ def stdlib_docstrings() -> list[str]:
                 if doc and len(doc) > MIN_DOCSTRING_CHARS:
                     docs.append(doc)
     # ast.walk yields the module node first as well; keep each docstring once, in order.
-    return list(dict.fromkeys(docs))
+    return tuple(dict.fromkeys(docs))
 
 
 def _read_utf8(path: Path) -> str:
@@ -85,7 +87,7 @@ def _jsonl_texts(path: Path) -> list[str]:
 def documents(source: str) -> list[str]:
     """The documents of a corpus source: 'stdlib', a .txt or .jsonl path, or 'text:...'."""
     if source == STDLIB:
-        docs = stdlib_docstrings()
+        docs = list(stdlib_docstrings())
     elif source.startswith(LITERAL_PREFIX):
         docs = [source[len(LITERAL_PREFIX):]]
     else:

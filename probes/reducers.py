@@ -45,9 +45,15 @@ class _MomentsState:
         self.max_where = torch.zeros(*shape, 4, dtype=torch.long)
 
     def update(self, acts: Activations, batch: Batch) -> None:
+        # resid_post[l] and resid_pre[l+1] are one tensor; reduce it once.
+        seen: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for (k, l), x in _by_index(acts, self.kinds):
-            fold_moments(self.moments[k, l], x)
-            value, flat = x.abs().flatten().max(dim=0)
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in seen:
+                value, flat = x.abs().flatten().max(dim=0)
+                seen[key] = (batch_moments(x), value, flat)
+            moments, value, flat = seen[key]
+            self.moments[k, l] += moments
             if value.item() > self.max_abs[k, l]:
                 window, pos, dim = torch.unravel_index(flat, x.shape)
                 self.max_abs[k, l] = value.item()
@@ -64,17 +70,24 @@ def _by_index(acts: Activations, kinds: tuple[str, ...]):
         yield (kinds.index(p.kind), p.layer), x
 
 
-def fold_moments(into: Float[torch.Tensor, "2 field"], x: Float[torch.Tensor, "batch pos d_model"]) -> None:
-    """Add a batch's first-position and other-position moments (MOMENT_FIELDS) into `into`."""
-    x = x.double()
+def batch_moments(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "2 field"]:
+    """A batch's MOMENT_FIELDS for position 0 and for the other positions.
+
+    Sums run in float32 over one batch and are accumulated across batches in float64."""
+    out = torch.empty(2, len(MOMENT_FIELDS), dtype=torch.float64)
     for slot, part in ((FIRST, x[:, :1]), (REST, x[:, 1:])):
-        norms = part.norm(dim=-1)
-        into[slot] += torch.stack([
-            torch.tensor(float(norms.numel()), dtype=torch.float64),
-            norms.sum(), norms.square().sum(),
-            torch.tensor(float(part.numel()), dtype=torch.float64),
-            part.sum(), part.square().sum(),
-        ])
+        squares = part.square()
+        norm_sq = squares.sum(dim=-1)
+        out[slot] = torch.stack([
+            torch.tensor(float(norm_sq.numel())), norm_sq.sqrt().sum(), norm_sq.sum(),
+            torch.tensor(float(part.numel())), part.sum(), norm_sq.sum(),
+        ]).double()
+    return out
+
+
+def fold_moments(into: Float[torch.Tensor, "2 field"], x: Float[torch.Tensor, "batch pos d_model"]) -> None:
+    """Add a batch's first-position and other-position moments into `into`."""
+    into += batch_moments(x)
 
 
 def moment_summary(moments: Float[torch.Tensor, "... 2 field"], slot: int) -> dict[str, torch.Tensor]:

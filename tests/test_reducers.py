@@ -1,0 +1,50 @@
+import torch
+
+from layerscope.analysis.residual_stats import PROBE, residual_stats
+from layerscope.probes.capture import capture
+from layerscope.probes.corpus import CorpusSpec, token_windows
+from layerscope.probes.reducers import FIRST, REST, fold_moments, moment_summary
+
+
+def test_moments_match_torch_var_and_norm():
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 5, 8, generator=generator) * s + s for s in (1.0, 4.0)]
+    folded = torch.zeros(2, 6, dtype=torch.float64)
+    for x in batches:
+        fold_moments(folded, x)
+    everything = torch.cat(batches)
+    rest = moment_summary(folded, REST)
+    first = moment_summary(folded, FIRST)
+    torch.testing.assert_close(rest["variance"].float(), torch.var(everything[:, 1:]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(first["std"].float(), torch.std(everything[:, 0]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(rest["mean_norm"].float(), everything[:, 1:].norm(dim=-1).mean(), rtol=1e-5, atol=0)
+
+
+def _windows(loaded, max_tokens):
+    spec = CorpusSpec("stdlib", seq_len=128, max_tokens=max_tokens, batch_size=4)
+    return token_windows(spec, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+
+
+def test_residual_stats_against_a_direct_computation(tiny_models):
+    loaded = tiny_models["llama"]
+    windows = _windows(loaded, 1024)
+    table = residual_stats(capture(loaded, windows, PROBE, progress=False))
+    with torch.no_grad():
+        hidden = loaded.model(windows.input_ids, output_hidden_states=True).hidden_states
+    row = table[(table.point == "resid_pre") & (table.layer == 2)].iloc[0]
+    h = hidden[2]
+    assert abs(row["variance"] - torch.var(h[:, 1:]).item()) < 1e-4 * torch.var(h[:, 1:]).item()
+    assert abs(row["mean_norm_first"] - h[:, 0].norm(dim=-1).mean().item()) < 1e-4
+    flat = h.abs().flatten().argmax()
+    window, pos, dim = torch.unravel_index(flat, h.shape)
+    assert (row["max_window"], row["max_position"], row["max_dim"]) == (window.item(), pos.item(), dim.item())
+    assert row["max_abs"] == h.abs().max().item()
+
+
+def test_reducer_memory_does_not_grow_with_corpus_length(tiny_models):
+    loaded = tiny_models["gpt2"]
+    short = capture(loaded, _windows(loaded, 2048), PROBE, progress=False)
+    long = capture(loaded, _windows(loaded, 8192), PROBE, progress=False)
+    assert long.n_tokens == 4 * short.n_tokens
+    assert short.peak_state_bytes > 0
+    assert long.peak_state_bytes == short.peak_state_bytes
