@@ -26,6 +26,8 @@ class Metric:
     run: Callable[..., dict[str, pd.DataFrame]]
     options: type = NoOptions
     needs_lm_head: bool = False
+    # What the CLI prints as a table; the run store and JSON keep the full tables.
+    display: Callable[[dict[str, pd.DataFrame]], dict[str, pd.DataFrame]] = lambda tables: tables
     option_names: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -40,10 +42,16 @@ def _run_residual_stats(loaded: LoadedModel, windows: TokenWindows, options: NoO
     return {"residual_stats": residual_stats(captured, decode=loaded.tokenizer.decode)}
 
 
+def _block_outputs(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    table = tables["residual_stats"]
+    shown = table[table["point"] == "resid_post"].drop(columns=["point", "max_window"])
+    return {"residual_stats (resid_post, block outputs; --format json for resid_pre/mid)": shown}
+
+
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
         Metric("residual-stats", "per-layer mean norm, std, variance and max|x| of the residual stream",
-               _run_residual_stats),
+               _run_residual_stats, display=_block_outputs),
     ]
 }

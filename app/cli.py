@@ -144,7 +144,7 @@ def cmd_analyze(args) -> int:
             "timings": {"load_seconds": load_seconds, "total_seconds": time.perf_counter() - started},
         }
         run_path = save_run(tables, manifest, Path(args.runs_dir))
-    _print_tables(tables, args.format, run_path)
+    _print_tables(tables if args.format == "json" else metric.display(tables), args.format, run_path)
     return 0
 
 
