@@ -18,7 +18,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/layerscope analyze residual-stats --model smollm2-135m --corpus stdlib --max-tokens $(DEMO_TOKENS)
+	$(BIN)/layerscope analyze residual-stats --model smollm2-135m --corpus stdlib --max-tokens $(DEMO_TOKENS) --no-save
+	$(BIN)/layerscope survey --model smollm2-135m --corpus stdlib --max-tokens $(DEMO_TOKENS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

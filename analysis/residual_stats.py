@@ -11,8 +11,11 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from layerscope.probes.capture import Capture, ProbeSpec
+from layerscope.analysis.metric import Metric, NoOptions, Tables
+from layerscope.probes.capture import Capture, ProbeSpec, capture
+from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.reducers import FIRST, REST, ResidualMoments, moment_summary
+from layerscope.probes.zoo import LoadedModel
 
 PROBE = ProbeSpec(reducers=(ResidualMoments(kinds=("resid_pre", "resid_mid", "resid_post")),))
 
@@ -45,3 +48,33 @@ def residual_stats(capture: Capture, decode=None) -> pd.DataFrame:
                 "max_token": decode([token]) if decode else token,
             })
     return pd.DataFrame(rows)
+
+
+def run(loaded: LoadedModel, windows: TokenWindows, options: NoOptions, backend: str = "hooks",
+        progress: bool = False) -> Tables:
+    captured = capture(loaded, windows, PROBE, backend=backend, progress=progress)
+    return {"residual_stats": residual_stats(captured, decode=loaded.tokenizer.decode)}
+
+
+def _figures(tables: Tables) -> list:
+    from layerscope.analysis.plots import residual_stats_figure
+
+    return [residual_stats_figure(tables["residual_stats"])]
+
+
+def _summarize(tables: Tables) -> list[str]:
+    post = tables["residual_stats"].query("point == 'resid_post'").set_index("layer")
+    jump = (post["max_abs"] / post["max_abs"].shift(1)).idxmax()
+    return [f"residual-stats: max|x| jumps {post.loc[jump - 1, 'max_abs']:.4g} -> {post.loc[jump, 'max_abs']:.4g} "
+            f"at block {jump} (dim {post.loc[jump, 'max_dim']}, position {post.loc[jump, 'max_position']}); "
+            f"mean norm {post['mean_norm'].iloc[0]:.4g} -> {post['mean_norm'].iloc[-1]:.4g} from first to last block"]
+
+
+def _block_outputs(tables: Tables) -> Tables:
+    table = tables["residual_stats"]
+    shown = table[table["point"] == "resid_post"].drop(columns=["point", "max_window"])
+    return {"residual_stats (resid_post, block outputs; --format json for resid_pre/mid)": shown}
+
+
+METRIC = Metric("residual-stats", "per-layer mean norm, std, variance and max|x| of the residual stream",
+                run, figures=_figures, summarize=_summarize, display=_block_outputs)

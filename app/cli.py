@@ -56,10 +56,11 @@ def _add_metric_options(parser: argparse.ArgumentParser, options_type: type) -> 
     for f in fields(options_type):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
+        type_name = str(f.type).split("|")[0].strip()
+        if type_name == "bool":
             parser.add_argument(flag, action="store_true", help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+            kind = {"int": int, "float": float, "str": str}.get(type_name, str)
             default = None if f.default is MISSING else f.default
             parser.add_argument(flag, type=kind, default=default,
                                 choices=f.metadata.get("choices"), help=f"{help_text} (default {default})")
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = metric_sub.add_parser(metric.name, help=metric.summary, description=metric.summary)
         _add_corpus_args(p)
         _add_metric_options(p, metric.options)
+
+    survey = sub.add_parser("survey", help="run every measurement and print a summary")
+    _add_corpus_args(survey)
+    survey.add_argument("--metrics", help="comma-separated subset (default: all)")
 
     runs = sub.add_parser("runs", help="list, show, remove or export stored runs")
     runs.add_argument("action", choices=["list", "show", "rm", "export"])
@@ -117,34 +122,87 @@ def _print_tables(tables: dict, fmt: str, run_path: Path | None) -> None:
         print(f"\nsaved run: {run_path}")
 
 
-def cmd_analyze(args) -> int:
-    from layerscope.analysis.registry import METRICS
-    from layerscope.analysis.store import save_run
+def _prepare(args):
     from layerscope.probes.corpus import CorpusSpec, token_windows
     from layerscope.probes.zoo import load_model
 
-    metric = METRICS[args.metric]
-    options = metric.options(**{name: getattr(args, name) for name in metric.option_names})
     started = time.perf_counter()
     loaded = load_model(args.model)
     load_seconds = time.perf_counter() - started
     corpus = CorpusSpec(args.corpus, args.seq_len, args.max_tokens, args.batch_size)
     windows = token_windows(corpus, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
-    progress = args.format == "table" and sys.stderr.isatty() or os.environ.get("LAYERSCOPE_PROGRESS") == "1"
-    tables = metric.run(loaded, windows, options, backend=args.backend, progress=progress)
-    run_path = None
-    if not args.no_save:
-        manifest = {
-            "metric": metric.name,
-            "model": {**loaded.card(), "weights_hash": loaded.weights_hash},
-            "corpus": windows.manifest(),
-            "options": asdict(options),
-            "backend": args.backend,
-            "versions": _versions(),
-            "timings": {"load_seconds": load_seconds, "total_seconds": time.perf_counter() - started},
-        }
-        run_path = save_run(tables, manifest, Path(args.runs_dir))
+    return loaded, windows, load_seconds
+
+
+def _progress(args) -> bool:
+    return (args.format == "table" and sys.stderr.isatty()) or os.environ.get("LAYERSCOPE_PROGRESS") == "1"
+
+
+def _save(args, metric_name: str, loaded, windows, options: dict, tables: dict, timings: dict) -> Path | None:
+    from layerscope.analysis.store import save_run
+
+    if args.no_save:
+        return None
+    manifest = {
+        "metric": metric_name,
+        "model": {**loaded.card(), "weights_hash": loaded.weights_hash},
+        "corpus": windows.manifest(),
+        "options": options,
+        "backend": args.backend,
+        "versions": _versions(),
+        "timings": timings,
+    }
+    return save_run(tables, manifest, Path(args.runs_dir))
+
+
+def cmd_analyze(args) -> int:
+    from layerscope.analysis.registry import METRICS
+
+    metric = METRICS[args.metric]
+    options = metric.options(**{name: getattr(args, name) for name in metric.option_names})
+    loaded, windows, load_seconds = _prepare(args)
+    metric.check_applies(loaded)
+    started = time.perf_counter()
+    tables = metric(loaded, windows, options, backend=args.backend, progress=_progress(args))
+    run_path = _save(args, metric.name, loaded, windows, {metric.name: asdict(options)}, tables,
+                     {"load_seconds": load_seconds, metric.name: time.perf_counter() - started})
     _print_tables(tables if args.format == "json" else metric.display(tables), args.format, run_path)
+    return 0
+
+
+def cmd_survey(args) -> int:
+    """Every applicable measurement on one model and corpus, saved as one run, with a summary."""
+    from layerscope.analysis.registry import METRICS
+
+    chosen = args.metrics.split(",") if args.metrics else list(METRICS)
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
+    loaded, windows, load_seconds = _prepare(args)
+    tables, timings, options, summary = {}, {"load_seconds": load_seconds}, {}, []
+    for name in chosen:
+        metric = METRICS[name]
+        if metric.causal_only and not loaded.adapter.causal:
+            summary.append(f"{name}: not applicable to an encoder")
+            continue
+        started = time.perf_counter()
+        if sys.stderr.isatty() or _progress(args):
+            print(f"[{name}]", file=sys.stderr)
+        result = metric(loaded, windows, backend=args.backend, progress=_progress(args))
+        timings[name] = time.perf_counter() - started
+        options[name] = asdict(metric.options())
+        tables.update(result)
+        summary += metric.summarize(result)
+    run_path = _save(args, "survey", loaded, windows, options, tables, timings)
+    if args.format == "json":
+        print(json.dumps({"summary": summary, "run": str(run_path) if run_path else None, "timings": timings}))
+    else:
+        print(f"{loaded.spec.name}: {loaded.source}")
+        print(f"corpus {windows.spec.describe()}: {windows.input_ids.shape[0]} windows x {windows.spec.seq_len} tokens")
+        for line in summary:
+            print(f"- {line}")
+        if run_path:
+            print(f"saved run: {run_path}")
     return 0
 
 
@@ -194,7 +252,7 @@ def cmd_runs(args) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "models": cmd_models, "runs": cmd_runs}
+COMMANDS = {"analyze": cmd_analyze, "survey": cmd_survey, "models": cmd_models, "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
