@@ -10,6 +10,11 @@ from layerscope.analysis.metric import Metric
 
 METRIC_MODULES = (
     "residual_stats",
+    "block_influence",
+    "layer_skip",
+    "variance",
+    "logit_lens",
+    "prune_curve",
 )
 
 

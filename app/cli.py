@@ -58,7 +58,7 @@ def _add_metric_options(parser: argparse.ArgumentParser, options_type: type) -> 
         help_text = f.metadata.get("help", "")
         type_name = str(f.type).split("|")[0].strip()
         if type_name == "bool":
-            parser.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(type_name, str)
             default = None if f.default is MISSING else f.default

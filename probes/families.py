@@ -15,7 +15,7 @@ import torch
 from layerscope.probes.errors import UserError
 
 NormKind = Literal["layernorm", "rmsnorm"]
-NormPlacement = Literal["pre", "post", "peri"]
+NormPlacement = Literal["pre", "post", "peri", "mix"]
 
 DEFAULT_TL_HOOKS = {
     "resid_pre": "blocks.{layer}.hook_in",
@@ -59,6 +59,9 @@ class FamilyAdapter:
     # Gemma-style RMSNorm multiplies by (1 + weight).
     norm_weight_offset: float = 0.0
     attn_projections: tuple[str, ...] = ()
+    # How the value projection sits in `attn_projections`: its own module (the last one),
+    # or one fused module whose output is [q | k | v] ("concat") or per head [q_h k_h v_h].
+    qkv_layout: Literal["separate", "concat", "per_head"] = "separate"
     up_projections: tuple[str, ...] = ()
     tl_hooks: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TL_HOOKS))
 
@@ -123,6 +126,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
             placement="pre",
             down_proj_transposed=True,
             attn_projections=("attn.c_attn",),
+            qkv_layout="concat",
             up_projections=("mlp.c_fc",),
         ),
         FamilyAdapter(
@@ -135,11 +139,12 @@ FAMILIES: dict[str, FamilyAdapter] = {
             ln2="post_attention_layernorm",
             down_proj="mlp.dense_4h_to_h",
             final_norm="gpt_neox.final_layer_norm",
-            unembed="embed_out",
+            unembed="lm_head",
             embed="gpt_neox.embed_in",
             norm_kind="layernorm",
             placement="pre",
             attn_projections=("attention.query_key_value",),
+            qkv_layout="per_head",
             up_projections=("mlp.dense_h_to_4h",),
         ),
         FamilyAdapter(

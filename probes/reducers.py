@@ -98,3 +98,137 @@ def moment_summary(moments: Float[torch.Tensor, "... 2 field"], slot: int) -> di
     # Unbiased, as torch.var's default.
     variance = (sum_x_sq - elements * mean.square()) / (elements - 1)
     return {"mean_norm": sum_norm / tokens, "mean": mean, "variance": variance, "std": variance.clamp_min(0).sqrt()}
+
+
+def _cosine(a: Float[torch.Tensor, "batch pos d_model"], b: Float[torch.Tensor, "batch pos d_model"]
+            ) -> Float[torch.Tensor, "batch pos"]:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+
+
+@dataclass(frozen=True)
+class LayerCosines:
+    """Per layer, token sums of cos(resid_pre, resid_post), cos(resid_pre, resid_mid) and
+    cos(resid_mid, resid_post); with `span` n > 0 also of the angular distance
+    arccos(cos(resid_pre[l], resid_post[l+n-1]))/pi.  `exclude_first` drops position 0."""
+
+    span: int = 0
+    exclude_first: bool = False
+    name: str = "cosines"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        return [Point(k, l) for k in ("resid_pre", "resid_mid", "resid_post") for l in range(loaded.n_layers)]
+
+    def start(self, loaded: LoadedModel) -> "_CosinesState":
+        return _CosinesState(self, loaded.n_layers)
+
+
+class _CosinesState:
+    FIELDS = ("block", "attn", "mlp", "angular")
+
+    def __init__(self, spec: LayerCosines, n_layers: int):
+        self.spec = spec
+        self.n_layers = n_layers
+        self.sums = torch.zeros(n_layers, len(self.FIELDS), dtype=torch.float64)
+        self.tokens = 0
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        start = 1 if self.spec.exclude_first else 0
+        get = lambda kind, layer: acts[Point(kind, layer)][:, start:]
+        for layer in range(self.n_layers):
+            pre, mid, post = get("resid_pre", layer), get("resid_mid", layer), get("resid_post", layer)
+            self.sums[layer, 0] += _cosine(pre, post).sum()
+            self.sums[layer, 1] += _cosine(pre, mid).sum()
+            self.sums[layer, 2] += _cosine(mid, post).sum()
+            end = layer + self.spec.span - 1
+            if self.spec.span > 0 and end < self.n_layers:
+                cos = _cosine(pre, get("resid_post", end)).clamp(-1, 1)
+                self.sums[layer, 3] += (torch.arccos(cos) / torch.pi).sum()
+        self.tokens += pre.shape[0] * pre.shape[1]
+
+    def result(self) -> dict:
+        mean = self.sums / self.tokens
+        if self.spec.span > 0:
+            mean[self.n_layers - self.spec.span + 1:, 3] = float("nan")
+        else:
+            mean[:, 3] = float("nan")
+        return {"fields": list(self.FIELDS), "mean": mean, "tokens": self.tokens}
+
+
+@dataclass(frozen=True)
+class SublayerRatios:
+    """Token means (non-first positions) of ||attn_out|| / ||resid_pre|| and
+    ||mlp_out|| / ||resid_mid||: how much each sublayer writes relative to what it reads."""
+
+    name: str = "sublayer_ratios"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        return [Point(k, l) for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out") for l in range(loaded.n_layers)]
+
+    def start(self, loaded: LoadedModel) -> "_RatiosState":
+        return _RatiosState(loaded.n_layers)
+
+
+class _RatiosState:
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.sums = torch.zeros(n_layers, 2, dtype=torch.float64)
+        self.tokens = 0
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        norm = lambda kind, layer: acts[Point(kind, layer)][:, 1:].double().norm(dim=-1)
+        for layer in range(self.n_layers):
+            self.sums[layer, 0] += (norm("attn_out", layer) / norm("resid_pre", layer)).sum()
+            self.sums[layer, 1] += (norm("mlp_out", layer) / norm("resid_mid", layer)).sum()
+        x = next(iter(acts.values()))
+        self.tokens += x.shape[0] * (x.shape[1] - 1)
+
+    def result(self) -> dict:
+        return {"mean": self.sums / self.tokens}
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """Per layer, token sums of the next-token cross-entropy and top-1 accuracy of
+    `unembed(final_norm(resid_post[l]))`, and its KL from the model's final distribution;
+    plus, for the corpus's first window, each layer's top token and its probability at
+    every position (nostalgebraist 2020, "interpreting GPT: the logit lens")."""
+
+    name: str = "logit_lens"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        return [Point("resid_post", l) for l in range(loaded.n_layers)]
+
+    def start(self, loaded: LoadedModel) -> "_LensState":
+        return _LensState(loaded)
+
+
+class _LensState:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.sums = torch.zeros(loaded.n_layers, 3, dtype=torch.float64)
+        self.tokens = 0
+        self.grid: dict[str, torch.Tensor] = {}
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        from layerscope.probes.replay import next_token_ce, unembed
+
+        targets = batch.input_ids[:, 1:]
+        final = torch.log_softmax(batch.logits[:, :-1].double(), dim=-1)
+        top_ids, top_probs = [], []
+        for layer in range(self.loaded.n_layers):
+            logits = unembed(self.loaded, acts[Point("resid_post", layer)])
+            logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+            self.sums[layer, 0] += next_token_ce(logits, batch.input_ids).sum()
+            self.sums[layer, 1] += (logprobs.argmax(-1) == targets).sum()
+            self.sums[layer, 2] += (final.exp() * (final - logprobs)).sum()
+            if batch.offset == 0:
+                prob, token = logprobs[0].exp().max(dim=-1)
+                top_ids.append(token)
+                top_probs.append(prob)
+        if batch.offset == 0:
+            self.grid = {"top_token": torch.stack(top_ids), "top_prob": torch.stack(top_probs),
+                         "input_ids": batch.input_ids[0]}
+        self.tokens += targets.numel()
+
+    def result(self) -> dict:
+        return {"mean": self.sums / self.tokens, **self.grid}

@@ -58,6 +58,8 @@ class ModelSpec:
             return "embedded"
         if self.name.startswith("tiny-"):
             return "tiny"
+        if self.name.startswith("config:"):
+            return "config"
         if Path(self.name).expanduser().exists() or self.name.startswith((".", "/", "~")):
             return "local"
         return "hub"
@@ -289,6 +291,31 @@ def _load_tiny(spec: ModelSpec) -> LoadedModel:
                        weights_id="seeded-config-sha256:" + digest)
 
 
+CONFIG_PREFIX = "config:"
+
+
+def _load_from_config(spec: ModelSpec) -> LoadedModel:
+    """A seeded random model from a user's config.json, with the byte tokenizer."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    path = Path(spec.name[len(CONFIG_PREFIX):]).expanduser()
+    if not path.exists():
+        raise UserError(f"config {path} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read config {path}: {str(err).splitlines()[0]}") from None
+    if config.vocab_size < BYTE_VOCAB:
+        raise UserError(f"config {path} has vocab_size {config.vocab_size}; the byte tokenizer needs {BYTE_VOCAB}")
+    torch.manual_seed(TINY_SEED)
+    auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation=spec.attn_implementation).eval()
+    digest = hashlib.sha256(f"{TINY_SEED}:{config.to_json_string()}".encode()).hexdigest()
+    return LoadedModel(spec, model, byte_tokenizer(), adapter_for(model),
+                       source=f"random {config.model_type} from {path} with seed {TINY_SEED}",
+                       weights_id="seeded-config-sha256:" + digest)
+
+
 # ---------------------------------------------------------------- local and Hub models
 
 def _load_local_dir(spec: ModelSpec, path: Path, source: str | None = None) -> LoadedModel:
@@ -351,6 +378,18 @@ def load_model(spec: ModelSpec | str, attn_implementation: str | None = None) ->
         spec = ModelSpec(spec)
     if attn_implementation:
         spec = ModelSpec(spec.name, attn_implementation)
+    base, _, placement = spec.name.partition("@")
+    if placement:
+        from layerscope.probes.placements import apply_placement
+
+        if not (base.startswith("tiny-") or base.startswith(CONFIG_PREFIX)):
+            raise UserError(f"norm placements apply to models built from a config (tiny-*, {CONFIG_PREFIX}...), "
+                            f"not to the trained weights of {base!r}")
+        loaded = load_model(ModelSpec(base, spec.attn_implementation))
+        loaded.spec = spec
+        return apply_placement(loaded, placement)
+    if spec.name.startswith(CONFIG_PREFIX):
+        return _load_from_config(spec)
     kind = spec.kind
     if kind == "embedded":
         return EMBEDDED[spec.name][1](spec)

@@ -1,0 +1,80 @@
+"""Pruning curves: loss against the number of blocks removed.
+
+Two orders: ShortGPT's (Men et al. 2024), which removes the blocks of lowest Block
+Influence measured once on the intact model, and greedy removal with recomputation,
+which at each step removes the block whose removal costs least given those already gone
+(as in Gromov et al. 2024 and Csordás et al. 2025).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
+
+from layerscope.analysis.block_influence import BlockInfluenceOptions, block_influence, probe, removal_order
+from layerscope.analysis.metric import Metric, Tables
+from layerscope.probes.capture import capture
+from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.errors import UserError
+from layerscope.probes.replay import greedy_removal, mean_ce
+from layerscope.probes.zoo import LoadedModel
+
+
+@dataclass(frozen=True)
+class PruneCurveOptions:
+    max_removed: int = field(default=4, metadata={"help": "remove up to this many blocks"})
+    greedy: bool = field(default=True, metadata={"help": "also the greedy order with recomputation"})
+
+    def __post_init__(self):
+        if self.max_removed < 1:
+            raise UserError(f"--max-removed must be at least 1, got {self.max_removed}")
+
+
+def run(loaded: LoadedModel, windows: TokenWindows, options: PruneCurveOptions, backend: str = "hooks",
+        progress: bool = False) -> Tables:
+    if options.max_removed >= loaded.n_layers:
+        raise UserError(f"--max-removed {options.max_removed} must be below the depth ({loaded.n_layers})")
+    bi = block_influence(capture(loaded, windows, probe(BlockInfluenceOptions()), backend=backend, progress=progress))
+    order = removal_order(bi)
+    base = mean_ce(loaded, windows)
+    rows = [{"method": "bi_order", "n_removed": 0, "removed": "", "layer_removed": -1, "ce": base}]
+    for k in tqdm(range(1, options.max_removed + 1), disable=not progress, desc="BI-order removal"):
+        rows.append({"method": "bi_order", "n_removed": k, "removed": ",".join(map(str, sorted(order[:k]))),
+                     "layer_removed": order[k - 1], "ce": mean_ce(loaded, windows, order[:k])})
+    if options.greedy:
+        rows.append({**rows[0], "method": "greedy"})
+        total = sum(loaded.n_layers - k for k in range(options.max_removed)) * len(windows)
+        with tqdm(total=total, disable=not progress, desc="greedy removal") as bar:
+            path = greedy_removal(loaded, windows, options.max_removed, progress=bar)
+        for k, (layer, ce) in enumerate(path, start=1):
+            rows.append({"method": "greedy", "n_removed": k,
+                         "removed": ",".join(map(str, sorted(l for l, _ in path[:k]))), "layer_removed": layer,
+                         "ce": ce})
+    table = pd.DataFrame(rows)
+    table["delta_ce"] = table["ce"] - base
+    return {"prune_curve": table}
+
+
+def figure(table: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for method, rows in table.groupby("method", sort=False):
+        fig.add_scatter(x=rows["n_removed"], y=rows["ce"], mode="lines+markers", name=method,
+                        customdata=rows[["removed"]].values,
+                        hovertemplate="%{x} removed: [%{customdata[0]}]<br>CE %{y:.3f}<extra></extra>")
+    fig.update_layout(title="Pruning curve", xaxis_title="blocks removed", yaxis_title="cross-entropy")
+    return fig
+
+
+def summarize(tables: Tables) -> list[str]:
+    table = tables["prune_curve"]
+    last = table.groupby("method").tail(1).set_index("method")
+    parts = [f"{method} removes [{row['removed']}] for {row['delta_ce']:+.3f} CE" for method, row in last.iterrows()]
+    return ["prune-curve: " + "; ".join(parts)]
+
+
+METRIC = Metric("prune-curve", "loss against blocks removed, in BI order and greedily with recomputation",
+                run, options=PruneCurveOptions, figures=lambda t: [figure(t["prune_curve"])],
+                summarize=summarize, causal_only=True)
