@@ -1,24 +1,39 @@
 """The run store: `runs/<run_id>/` with `manifest.json` and one Parquet table per result.
 
-A run is written into a hidden staging folder and renamed into place when complete, so
-a crash never leaves a folder that looks like a finished run.
+A run is written into a hidden staging folder `.<run_id>.<random>/` and renamed into
+place when complete, so a crash never leaves a folder that looks like a finished run.
+The staging folder names its writer (pid and host) in `.owner`: while that process lives
+the run lists as `running`; once it is gone the leftover lists as `interrupted`.  Run ids
+carry a random suffix and every writer has its own staging folder, so concurrent runs
+never clash; the final rename refuses to replace an existing run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 import uuid
+from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
 from layerscope.probes.errors import UserError
 
 DEFAULT_ROOT = Path("runs")
+MANIFEST = "manifest.json"
+OWNER = ".owner"
+COMPLETE = "complete"
+VERSIONED_PACKAGES = ("layerscope", "torch", "transformers", "transformer-lens", "nnsight")
 
 
 def new_run_id(metric: str, model: str) -> str:
@@ -27,55 +42,207 @@ def new_run_id(metric: str, model: str) -> str:
     return f"{stamp}-{metric}-{safe_model}-{uuid.uuid4().hex[:6]}"
 
 
-def save_run(tables: dict[str, pd.DataFrame], manifest: dict, root: Path = DEFAULT_ROOT,
-             run_id: str | None = None) -> Path:
-    """Write tables and manifest atomically; returns the run folder."""
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for package in VERSIONED_PACKAGES:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def run_key(identity: dict) -> str:
+    """A stable hash of what determines a run's result (model, corpus, metric, settings),
+    so that asking again for the same thing finds the stored run."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="microseconds")
+
+
+def _check_run_id(run_id: str) -> str:
+    if not run_id or run_id in (".", "..") or run_id.startswith(".") or "/" in run_id or os.sep in run_id:
+        raise UserError(f"{run_id!r} is not a run id (see `layerscope runs list`)")
+    return run_id
+
+
+def _check_table_name(name: str) -> str:
+    if not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise UserError(f"{name!r} is not a valid table name")
+    return name
+
+
+class RunWriter:
+    """Collects a run's tables in its staging folder; `open_run` publishes them."""
+
+    def __init__(self, run_id: str, path: Path, staging: Path, manifest: dict):
+        self.run_id = run_id
+        self.path = path
+        self.staging = staging
+        self.manifest = manifest
+        self.tables: list[str] = []
+
+    def add_tables(self, tables: dict[str, pd.DataFrame]) -> None:
+        for name, table in tables.items():
+            table.to_parquet(self.staging / f"{_check_table_name(name)}.parquet", index=False)
+            if name not in self.tables:
+                self.tables.append(name)
+
+    def write_manifest(self, status: str) -> None:
+        manifest = {**self.manifest, "status": status, "tables": sorted(self.tables)}
+        (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def open_run(manifest: dict, root: Path = DEFAULT_ROOT, run_id: str | None = None) -> Iterator[RunWriter]:
+    """Stage a run while it is computed and written; on a clean exit rename it into place.
+
+    An exception removes the staging folder; a hard crash leaves it, and it then lists as
+    interrupted.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    run_id = run_id or new_run_id(manifest.get("metric", "run"), manifest.get("model", {}).get("model", "model"))
+    model_name = manifest.get("model", {}).get("model", "model")
+    run_id = _check_run_id(run_id or new_run_id(manifest.get("metric", "run"), model_name))
     staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=root))
+    (staging / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    writer = RunWriter(run_id, root / run_id, staging, {**manifest, "run_id": run_id, "created": _now()})
     try:
-        for name, table in tables.items():
-            table.to_parquet(staging / f"{name}.parquet", index=False)
-        manifest = {**manifest, "run_id": run_id, "status": "complete", "tables": sorted(tables)}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        final = root / run_id
-        os.rename(staging, final)
+        writer.write_manifest("running")
+        yield writer
+        writer.manifest["finished"] = _now()
+        writer.write_manifest(COMPLETE)
+        (staging / OWNER).unlink()
+        try:
+            # Renaming onto an existing run fails because a run folder is never empty.
+            os.rename(staging, writer.path)
+        except OSError:
+            raise UserError(f"run {run_id!r} already exists in {root}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
+
+
+def save_run(tables: dict[str, pd.DataFrame], manifest: dict, root: Path = DEFAULT_ROOT,
+             run_id: str | None = None) -> Path:
+    """Write tables and manifest atomically; returns the run folder."""
+    with open_run(manifest, root, run_id) as writer:
+        writer.add_tables(tables)
+    return writer.path
+
+
+def _writer_alive(staging: Path) -> tuple[bool, int | None]:
+    try:
+        owner = json.loads((staging / OWNER).read_text())
+    except (OSError, ValueError):
+        return False, None
+    if owner.get("host") != socket.gethostname():
+        return True, owner.get("pid")  # cannot see another machine's processes; assume it still runs
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False, owner["pid"]
+    except PermissionError:
+        pass  # the process exists but belongs to someone else
+    return True, owner["pid"]
+
+
+def _describe(folder: Path) -> dict:
+    if folder.name.startswith("."):
+        alive, pid = _writer_alive(folder)
+        run_id = folder.name[1:].rsplit(".", 1)[0]
+        if alive:
+            return {"run_id": run_id, "status": "running", "pid": pid, "path": str(folder)}
+        return {"run_id": run_id, "status": "interrupted", "problem": "staging folder left by a crash",
+                "path": str(folder)}
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        tables = [_check_table_name(name) for name in manifest["tables"]]
+        model = manifest.get("model", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as err:
+        return {"run_id": folder.name, "status": "corrupt", "problem": f"manifest.json unreadable: {err}",
+                "path": str(folder)}
+    missing = [name for name in tables if not (folder / f"{name}.parquet").is_file()]
+    status, problem = COMPLETE, None
+    if manifest.get("status") != COMPLETE:
+        status, problem = "interrupted", f"manifest status is {manifest.get('status')!r}"
+    elif missing:
+        status, problem = "corrupt", f"missing tables: {', '.join(missing)}"
+    row = {"run_id": folder.name, "status": status, "metric": manifest.get("metric"),
+           "model": model.get("model") if isinstance(model, dict) else None,
+           "created": manifest.get("created"), "key": manifest.get("key"), "path": str(folder)}
+    if problem:
+        row["problem"] = problem
+    return row
 
 
 def list_runs(root: Path = DEFAULT_ROOT) -> list[dict]:
-    """Every run folder with its status; staging folders left by a crash show as interrupted."""
+    """Every run with its status: complete, running, interrupted (a staging folder whose
+    writer is gone, or a manifest whose status is not complete) or corrupt."""
     root = Path(root)
-    if not root.exists():
+    if not root.is_dir():
         return []
-    runs = []
-    for folder in sorted(root.iterdir()):
-        if not folder.is_dir():
-            continue
-        if folder.name.startswith("."):
-            runs.append({"run_id": folder.name.lstrip(".").split(".")[0], "status": "interrupted", "path": str(folder)})
-            continue
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-            runs.append({"run_id": folder.name, "status": manifest.get("status", "unknown"),
-                         "metric": manifest.get("metric"), "model": manifest.get("model", {}).get("model"),
-                         "path": str(folder)})
-        except (OSError, json.JSONDecodeError):
-            runs.append({"run_id": folder.name, "status": "corrupt", "path": str(folder)})
-    return runs
+    return [_describe(folder) for folder in sorted(root.iterdir()) if folder.is_dir()]
+
+
+def find_run(key: str, root: Path = DEFAULT_ROOT) -> str | None:
+    """The newest complete run stored under `key`, if any."""
+    matches = [row for row in list_runs(root) if row["status"] == COMPLETE and row.get("key") == key]
+    if not matches:
+        return None
+    return max(matches, key=lambda row: row.get("created") or "")["run_id"]
 
 
 def load_run(run_id: str, root: Path = DEFAULT_ROOT) -> tuple[dict, dict[str, pd.DataFrame]]:
-    folder = Path(root) / run_id
+    """The manifest and tables of a complete run; a readable UserError for anything else."""
+    folder = Path(root) / _check_run_id(run_id)
+    if not folder.is_dir():
+        staged = [row for row in list_runs(root) if row["run_id"] == run_id]
+        if staged:
+            raise UserError(f"run {run_id!r} is {staged[0]['status']}, not complete; "
+                            f"remove it with `layerscope runs rm {run_id}`")
+        raise UserError(f"run {run_id!r} not found in {root}")
+    row = _describe(folder)
+    if row["status"] != COMPLETE:
+        raise UserError(f"run {run_id!r} is {row['status']} ({row['problem']}); "
+                        f"remove it with `layerscope runs rm {run_id}`")
+    manifest = json.loads((folder / MANIFEST).read_text())
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
         tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in manifest["tables"]}
-    except FileNotFoundError:
-        raise UserError(f"run {run_id!r} not found in {root}") from None
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"run {run_id!r} is corrupt: {err}") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"run {run_id!r} is corrupt: a table cannot be read ({str(err).splitlines()[0]}); "
+                        f"remove it with `layerscope runs rm {run_id}`") from None
     return manifest, tables
+
+
+def remove_run(run_id: str, root: Path = DEFAULT_ROOT) -> list[Path]:
+    """Delete a run, or the staging leftovers of an interrupted one; refuses a running one."""
+    root = Path(root)
+    folder = root / _check_run_id(run_id)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        return [folder]
+    leftovers = [row for row in list_runs(root) if row["run_id"] == run_id and row["path"] != str(folder)]
+    running = [row for row in leftovers if row["status"] == "running"]
+    if running:
+        raise UserError(f"run {run_id!r} is still being written by process {running[0]['pid']}")
+    if not leftovers:
+        raise UserError(f"run {run_id!r} not found in {root}")
+    for row in leftovers:
+        shutil.rmtree(row["path"])
+    return [Path(row["path"]) for row in leftovers]
+
+
+def export_run(run_id: str, target: Path, root: Path = DEFAULT_ROOT) -> Path:
+    """Copy a complete run out as CSV tables plus its manifest, into a new or empty folder."""
+    manifest, tables = load_run(run_id, root)
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"export target {target} exists and is not an empty folder")
+    target.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        table.to_csv(target / f"{name}.csv", index=False)
+    (target / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return target

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -90,7 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("run_id", nargs="?")
     runs.add_argument("--runs-dir", default="runs")
     runs.add_argument("--format", default="table", choices=["table", "json"])
-    runs.add_argument("-o", "--output", help="export target folder")
+    runs.add_argument("-o", "--output", help="export target folder (new or empty)")
+
+    report = sub.add_parser("report", help="write a self-contained HTML report of a run (opens offline)")
+    report.add_argument("run_id")
+    report.add_argument("-o", "--output", help="HTML file to write (default RUN_ID.html)")
+    report.add_argument("--runs-dir", default="runs", help="run store folder")
+
+    app = sub.add_parser("app", help="start the Streamlit app")
+    app.add_argument("--runs-dir", default="runs", help="run store folder")
+    app.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
+                     help="a folder whose models and corpus files the app may read; repeatable "
+                          "(default: the working directory and the model cache)")
+    app.add_argument("--port", type=int, default=8501)
+    app.add_argument("--address", default="127.0.0.1", help="address to serve on (default: this machine only)")
     return parser
 
 
@@ -222,37 +234,66 @@ def cmd_models(args) -> int:
 def cmd_runs(args) -> int:
     import pandas as pd
 
-    from layerscope.analysis.store import list_runs, load_run
+    from layerscope.analysis.store import export_run, list_runs, load_run, remove_run
 
     root = Path(args.runs_dir)
     if args.action == "list":
         rows = list_runs(root)
-        print(json.dumps(rows) if args.format == "json" else
-              (pd.DataFrame(rows).to_string(index=False) if rows else f"no runs in {root}"))
+        if args.format == "json":
+            print(json.dumps(rows))
+        else:
+            shown = pd.DataFrame(rows).drop(columns=["key", "path"], errors="ignore")
+            print(shown.to_string(index=False) if rows else f"no runs in {root}")
         return 0
     if not args.run_id:
         raise UserError(f"`layerscope runs {args.action}` needs a run id")
-    manifest, tables = load_run(args.run_id, root)
     if args.action == "show":
+        manifest, tables = load_run(args.run_id, root)
         if args.format == "json":
             print(json.dumps(manifest, default=str))
         else:
             print(json.dumps(manifest, indent=2, default=str))
             _print_tables(tables, "table", None)
     elif args.action == "rm":
-        shutil.rmtree(root / args.run_id)
-        print(f"removed {args.run_id}")
+        for folder in remove_run(args.run_id, root):
+            print(f"removed {folder}")
     elif args.action == "export":
-        target = Path(args.output or f"{args.run_id}-export")
-        target.mkdir(parents=True, exist_ok=True)
-        for name, table in tables.items():
-            table.to_csv(target / f"{name}.csv", index=False)
-        (target / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        target = export_run(args.run_id, Path(args.output or f"{args.run_id}-export"), root)
         print(f"exported {args.run_id} to {target}")
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "survey": cmd_survey, "models": cmd_models, "runs": cmd_runs}
+def cmd_report(args) -> int:
+    from layerscope.analysis.report import write_report
+
+    output = Path(args.output or f"{args.run_id}.html")
+    n_figures = write_report(args.run_id, output, Path(args.runs_dir))
+    print(f"wrote {output} ({n_figures} figures, {output.stat().st_size / 1e6:.1f} MB, opens offline)")
+    return 0
+
+
+def cmd_app(args) -> int:
+    """Run `streamlit run` on the app file, passing the store and allowed folders in the environment."""
+    import subprocess
+
+    from layerscope.app.workbench import AppSettings, default_allowed_dirs
+
+    allowed = tuple(Path(folder).resolve() for folder in args.allow_dir) or default_allowed_dirs()
+    missing = [str(folder) for folder in allowed if not folder.is_dir()]
+    if args.allow_dir and missing:
+        raise UserError(f"--allow-dir folder(s) not found: {', '.join(missing)}")
+    settings = AppSettings(Path(args.runs_dir).resolve(), allowed)
+    app_file = Path(__file__).with_name("streamlit_app.py")
+    command = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(args.port),
+               "--server.address", args.address, "--server.headless", "true",
+               "--browser.gatherUsageStats", "false"]
+    print(f"layerscope app on http://{args.address}:{args.port} (runs in {settings.runs_dir}); Ctrl-C stops it",
+          file=sys.stderr)
+    return subprocess.call(command, env={**os.environ, **settings.to_env()})
+
+
+COMMANDS = {"analyze": cmd_analyze, "survey": cmd_survey, "models": cmd_models, "runs": cmd_runs,
+            "report": cmd_report, "app": cmd_app}
 
 
 def main(argv: list[str] | None = None) -> int:

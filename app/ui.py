@@ -1,0 +1,173 @@
+"""Streamlit building blocks shared by the pages: the sidebar inputs, cached loading,
+controls generated from a measurement's options dataclass, and drawing a stored run."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import streamlit as st
+
+from layerscope.analysis.metric import Metric
+from layerscope.analysis.registry import METRICS
+from layerscope.analysis.report import PLOT_CONFIG, run_figures
+from layerscope.analysis.store import list_runs, load_run
+from layerscope.app.workbench import CORPUS_KINDS, AppSettings, CorpusChoice, checked_model_name, corpus_choice
+from layerscope.probes.backends import BACKENDS
+from layerscope.probes.corpus import CorpusSpec
+from layerscope.probes.errors import UserError
+from layerscope.probes.zoo import LoadedModel, known_model_names, load_model
+
+OTHER_MODEL = "other: local folder or Hub id"
+SAMPLE_TEXT = ("The residual stream carries each token through the layers of a transformer. "
+               "Some blocks rewrite it, and others barely touch it, so they could be skipped.")
+
+
+def settings() -> AppSettings:
+    return AppSettings.from_env()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a user's mistake as one readable error instead of a traceback."""
+    try:
+        yield
+    except UserError as err:
+        st.error(str(err))
+
+
+# ---------------------------------------------------------------- sidebar inputs
+
+def _input_defaults() -> dict:
+    defaults = CorpusSpec()
+    return {"model_choice": known_model_names()[0], "model_path": "", "corpus_kind": "text",
+            "corpus_text": SAMPLE_TEXT, "corpus_path": "", "seq_len": defaults.seq_len,
+            "max_tokens": defaults.max_tokens, "backend": "hooks"}
+
+
+def sidebar_inputs() -> None:
+    """Model, corpus and backend, drawn once in the main script so that every page shares them."""
+    state = st.session_state
+    for key, value in _input_defaults().items():
+        state.setdefault(key, value)
+    with st.sidebar:
+        st.selectbox("model", [*known_model_names(), OTHER_MODEL], key="model_choice")
+        if state.model_choice == OTHER_MODEL:
+            st.text_input("model folder or Hub id", key="model_path",
+                          help="a local HF folder inside the allowed folders, or a Hub id (offline: cached only)")
+        st.radio("corpus", CORPUS_KINDS, key="corpus_kind", horizontal=True,
+                 format_func={"text": "your text", "stdlib": "stdlib docstrings", "file": "a file"}.get)
+        if state.corpus_kind == "text":
+            st.text_area("text", key="corpus_text",
+                         help=f"measured whole; at most {settings().max_text_chars:,} characters")
+        if state.corpus_kind == "file":
+            st.text_input("corpus file (.txt or .jsonl with a 'text' field)", key="corpus_path")
+        if state.corpus_kind != "text":
+            st.number_input("tokens per window", min_value=2, step=16, key="seq_len")
+            st.number_input("token budget", min_value=2, step=512, key="max_tokens")
+        st.selectbox("capture backend", list(BACKENDS), key="backend")
+
+
+def chosen_model() -> str:
+    state = st.session_state
+    return checked_model_name(state.model_path if state.model_choice == OTHER_MODEL else state.model_choice,
+                              settings())
+
+
+def chosen_corpus() -> CorpusChoice:
+    state = st.session_state
+    return corpus_choice(state.corpus_kind, state.corpus_text, state.corpus_path, int(state.seq_len),
+                         int(state.max_tokens), settings())
+
+
+def chosen_backend() -> str:
+    return st.session_state.backend
+
+
+# ---------------------------------------------------------------- caching
+
+@st.cache_resource(show_spinner="loading the model")
+def cached_model(name: str) -> tuple[LoadedModel, threading.Lock]:
+    """One loaded model per name for the whole server, with a lock, because measurements
+    hook into the shared module tree and two sessions must not do that at once."""
+    return load_model(name), threading.Lock()
+
+
+@st.cache_data(show_spinner=False)
+def cached_run(root: str, run_id: str) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """A stored run; runs never change once complete, so the id is a sufficient key."""
+    return load_run(run_id, Path(root))
+
+
+@st.cache_data(show_spinner=False)
+def cached_figures(root: str, run_id: str) -> list[tuple[str, list, list[str], bool]]:
+    """Each measurement of a run as (name, figures, findings, registered)."""
+    manifest, tables = cached_run(root, run_id)
+    return [(entry.name, entry.figures, entry.findings, entry.metric is not None)
+            for entry in run_figures(manifest, tables)]
+
+
+def complete_runs() -> list[dict]:
+    return [row for row in list_runs(settings().runs_dir) if row["status"] == "complete"]
+
+
+# ---------------------------------------------------------------- measurement options
+
+def option_controls(metric: Metric):
+    """One widget per field of the measurement's options dataclass; returns the options."""
+    hints = typing.get_type_hints(metric.options, vars(sys.modules[metric.options.__module__]))
+    values = {}
+    for f in fields(metric.options):
+        default = None if f.default is MISSING else f.default
+        label, help_text, key = f.name.replace("_", " "), f.metadata.get("help"), f"{metric.name}.{f.name}"
+        kind, choices = hints[f.name], f.metadata.get("choices")
+        if choices:
+            values[f.name] = st.selectbox(label, choices, index=list(choices).index(default) if default in choices
+                                          else 0, help=help_text, key=key)
+        elif kind is bool:
+            values[f.name] = st.checkbox(label, value=bool(default), help=help_text, key=key)
+        elif kind is int:
+            values[f.name] = int(st.number_input(label, value=default, step=1, help=help_text, key=key))
+        elif kind is float:
+            values[f.name] = float(st.number_input(label, value=default, help=help_text, key=key, format="%g"))
+        else:
+            values[f.name] = st.text_input(label, value=default or "", help=help_text, key=key)
+    return metric.options(**values)
+
+
+# ---------------------------------------------------------------- drawing a run
+
+def run_caption(manifest: dict) -> str:
+    model, corpus = manifest.get("model", {}), manifest.get("corpus", {})
+    return (f"run `{manifest.get('run_id')}` · {model.get('model')} ({model.get('family')}, "
+            f"{model.get('layers')} layers) · corpus {corpus.get('source')}: {corpus.get('tokens')} tokens "
+            f"in {corpus.get('windows')} windows · created {manifest.get('created', '?')}")
+
+
+def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
+    """Every figure of a stored run, its findings, and the tables the measurement displays."""
+    manifest, tables = cached_run(str(root), run_id)
+    st.caption(run_caption(manifest))
+    for name, figures, findings, registered in cached_figures(str(root), run_id):
+        if len(manifest.get("options", {})) > 1:
+            st.subheader(name)
+        if not registered:
+            st.warning(f"{name} is not registered in this version of layerscope; its tables are shown undrawn")
+        for line in findings:
+            st.markdown(f"- {line}")
+        for number, figure in enumerate(figures):
+            st.plotly_chart(figure, config=PLOT_CONFIG, key=f"{run_id}.{name}.{number}")
+    if with_tables:
+        shown = tables
+        metric = METRICS.get(manifest.get("metric"))
+        if metric is not None:
+            shown = metric.display(tables)
+        for name, table in shown.items():
+            with st.expander(f"table: {name} ({len(table)} rows)"):
+                st.dataframe(table, hide_index=True)

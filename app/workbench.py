@@ -1,0 +1,162 @@
+"""What the app does besides drawing: check what a user typed, key and run a measurement,
+and store it.  No streamlit here, so all of it is testable on its own; no maths either:
+measurements come from the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.store import DEFAULT_ROOT, open_run, package_versions, run_key
+from layerscope.probes.corpus import LITERAL_PREFIX, STDLIB, CorpusSpec, token_windows
+from layerscope.probes.errors import UserError
+from layerscope.probes.zoo import LoadedModel, ModelSpec, cache_dir
+
+MAX_TEXT_CHARS = 20_000
+RUNS_DIR_ENV = "LAYERSCOPE_RUNS_DIR"
+ALLOWED_DIRS_ENV = "LAYERSCOPE_ALLOWED_DIRS"
+CORPUS_KINDS = ("text", "stdlib", "file")
+# Typed text is measured whole, in windows of at most this many tokens; attention
+# patterns grow with the square of the window.
+TEXT_WINDOW_CAP = 512
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Where the app keeps runs and which folders a typed model or corpus path may read.
+
+    `layerscope app` passes them to the Streamlit process through the environment, so the
+    app file also runs under a plain `streamlit run`.
+    """
+
+    runs_dir: Path = DEFAULT_ROOT
+    allowed_dirs: tuple[Path, ...] = ()
+    max_text_chars: int = MAX_TEXT_CHARS
+
+    @classmethod
+    def from_env(cls) -> AppSettings:
+        runs_dir = Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_ROOT)
+        listed = [Path(p) for p in os.environ.get(ALLOWED_DIRS_ENV, "").split(os.pathsep) if p]
+        return cls(runs_dir, tuple(listed) or default_allowed_dirs())
+
+    def to_env(self) -> dict[str, str]:
+        return {RUNS_DIR_ENV: str(self.runs_dir),
+                ALLOWED_DIRS_ENV: os.pathsep.join(str(p) for p in self.allowed_dirs)}
+
+
+def default_allowed_dirs() -> tuple[Path, ...]:
+    return Path.cwd(), cache_dir()
+
+
+def _inside_allowed(path: str, what: str, allowed: tuple[Path, ...]) -> Path:
+    # resolve() follows symlinks, so a link inside an allowed folder cannot point out of it.
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved.is_relative_to(folder.expanduser().resolve()) for folder in allowed):
+        folders = ", ".join(str(folder) for folder in allowed)
+        raise UserError(f"{what} {path!r} is outside the folders this app may read ({folders}); "
+                        "start it with `layerscope app --allow-dir FOLDER` to add one")
+    return resolved
+
+
+def checked_model_name(name: str, settings: AppSettings) -> str:
+    """A zoo name, a Hub id, or a local directory inside the allowed folders (made absolute)."""
+    name = name.strip()
+    if not name:
+        raise UserError("no model chosen: pick a zoo model or type a local directory")
+    if ModelSpec(name).kind == "local":
+        return str(_inside_allowed(name, "model path", settings.allowed_dirs))
+    return name
+
+
+@dataclass(frozen=True)
+class CorpusChoice:
+    """A checked corpus choice.  Typed text is measured whole: cut into windows of its own
+    length up to `TEXT_WINDOW_CAP` tokens, so `seq_len` and `max_tokens` apply to the
+    stdlib and file corpora only."""
+
+    kind: str
+    source: str
+    seq_len: int
+    max_tokens: int
+    batch_size: int = 8
+
+    def identity(self) -> dict:
+        identity = asdict(self)
+        if self.kind == "text":
+            identity.update(seq_len=None, max_tokens=None, text_window_cap=TEXT_WINDOW_CAP)
+        elif self.kind == "stdlib":
+            identity["python"] = package_versions()["python"]
+        else:
+            identity["file_sha256"] = hashlib.sha256(Path(self.source).read_bytes()).hexdigest()
+        return identity
+
+    def spec_for(self, loaded: LoadedModel) -> CorpusSpec:
+        if self.kind != "text":
+            return CorpusSpec(self.source, self.seq_len, self.max_tokens, self.batch_size)
+        n_tokens = len(loaded.tokenizer(self.source.removeprefix(LITERAL_PREFIX), add_special_tokens=False)["input_ids"])
+        n_tokens += loaded.bos_token_id is not None
+        seq_len = max(2, min(n_tokens, TEXT_WINDOW_CAP, loaded.max_context))
+        return CorpusSpec(self.source, seq_len, max(n_tokens, seq_len), self.batch_size)
+
+
+def corpus_choice(kind: str, text: str, path: str, seq_len: int, max_tokens: int,
+                  settings: AppSettings) -> CorpusChoice:
+    """Check what the user chose: typed text (capped), the stdlib docstrings, or an allowed file."""
+    if kind == "text":
+        if not text.strip():
+            raise UserError("the text is empty: type or paste the text to measure")
+        if len(text) > settings.max_text_chars:
+            raise UserError(f"the text has {len(text):,} characters, over the cap of {settings.max_text_chars:,}; "
+                            "shorten it, or save it as a .txt file in an allowed folder and choose 'file'")
+        return CorpusChoice(kind, LITERAL_PREFIX + text, 0, 0)
+    if kind == "stdlib":
+        return CorpusChoice(kind, STDLIB, seq_len, max_tokens)
+    if kind == "file":
+        if not path.strip():
+            raise UserError("no corpus file given: type the path of a .txt or .jsonl file")
+        resolved = _inside_allowed(path.strip(), "corpus file", settings.allowed_dirs)
+        if not resolved.is_file():
+            raise UserError(f"corpus file {path.strip()!r} does not exist")
+        return CorpusChoice(kind, str(resolved), seq_len, max_tokens)
+    raise UserError(f"unknown corpus kind {kind!r}; choose one of {', '.join(CORPUS_KINDS)}")
+
+
+def measurement_key(metric: Metric, model: str, corpus: CorpusChoice, options, backend: str) -> str:
+    """The store key of a measurement: same model, corpus content and settings, same key."""
+    return run_key({"metric": metric.name, "model": model, "corpus": corpus.identity(),
+                    "options": asdict(options), "backend": backend})
+
+
+def measure(metric: Metric, loaded: LoadedModel, corpus: CorpusChoice, options, key: str, settings: AppSettings,
+            backend: str = "hooks", on_stage: Callable[[float, str], None] = lambda fraction, text: None) -> str:
+    """Run one measurement and store it under `key`; returns the run id.
+
+    `on_stage(fraction, text)` reports each stage for a progress bar.
+    """
+    on_stage(0.05, "tokenising the corpus")
+    windows = token_windows(corpus.spec_for(loaded), loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+    metric.check_applies(loaded)
+    manifest = {
+        "metric": metric.name,
+        "model": {**loaded.card(), "weights_hash": loaded.weights_hash},
+        "corpus": windows.manifest(),
+        "options": {metric.name: asdict(options)},
+        "backend": backend,
+        "versions": package_versions(),
+        "key": key,
+    }
+    with open_run(manifest, settings.runs_dir) as run:
+        on_stage(0.15, f"measuring {metric.name} on {windows.n_tokens:,} tokens of {loaded.spec.name}")
+        started = time.perf_counter()
+        tables: Tables = metric(loaded, windows, options, backend=backend)
+        run.manifest["timings"] = {metric.name: time.perf_counter() - started}
+        on_stage(0.9, "saving the run")
+        run.add_tables(tables)
+    on_stage(1.0, f"stored as {run.run_id}")
+    return run.run_id
