@@ -27,6 +27,8 @@ from layerscope.probes.zoo import LoadedModel
 class PruneCurveOptions:
     max_removed: int = field(default=4, metadata={"help": "remove up to this many blocks"})
     greedy: bool = field(default=True, metadata={"help": "also the greedy order with recomputation"})
+    eval_tokens: int = field(default=1024, metadata={
+        "help": "losses are measured on the corpus's first windows up to this many tokens"})
 
     def __post_init__(self):
         if self.max_removed < 1:
@@ -37,8 +39,11 @@ def run(loaded: LoadedModel, windows: TokenWindows, options: PruneCurveOptions, 
         progress: bool = False) -> Tables:
     if options.max_removed >= loaded.n_layers:
         raise UserError(f"--max-removed {options.max_removed} must be below the depth ({loaded.n_layers})")
+    if options.eval_tokens < 1:
+        raise UserError(f"--eval-tokens must be positive, got {options.eval_tokens}")
     bi = block_influence(capture(loaded, windows, probe(BlockInfluenceOptions()), backend=backend, progress=progress))
     order = removal_order(bi)
+    windows = windows.head(options.eval_tokens)
     base = mean_ce(loaded, windows)
     rows = [{"method": "bi_order", "n_removed": 0, "removed": "", "layer_removed": -1, "ce": base}]
     for k in tqdm(range(1, options.max_removed + 1), disable=not progress, desc="BI-order removal"):

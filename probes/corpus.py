@@ -133,6 +133,11 @@ class TokenWindows:
     def __len__(self) -> int:
         return -(-self.input_ids.shape[0] // self.spec.batch_size)
 
+    def head(self, max_tokens: int) -> "TokenWindows":
+        """The first windows holding at most `max_tokens` tokens (at least one window)."""
+        keep = max(1, max_tokens // self.input_ids.shape[1])
+        return TokenWindows(self.spec, self.input_ids[:keep], self.corpus_sha256, self.first_position)
+
     def manifest(self) -> dict:
         return {
             **asdict(self.spec),
