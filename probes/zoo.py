@@ -38,6 +38,8 @@ from layerscope.probes.families import FamilyAdapter, adapter_for
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
+# Written by LN removal beside a norm-free model: the norms to freeze, with their scales.
+FROZEN_NORMS_FILE = "layerscope_frozen_norms.json"
 
 
 def cache_dir() -> Path:
@@ -338,6 +340,11 @@ def _load_local_dir(spec: ModelSpec, path: Path, source: str | None = None) -> L
     weights = tuple(sorted(path.glob("*.safetensors")))
     if not weights:
         raise UserError(f"{path} holds no .safetensors weights (pickled checkpoints are not loaded)")
+    if (path / FROZEN_NORMS_FILE).exists():
+        from layerscope.probes.ln_removal import restore_frozen_norms
+
+        restore_frozen_norms(model, path / FROZEN_NORMS_FILE)
+        weights += (path / FROZEN_NORMS_FILE,)
     return LoadedModel(spec, model.eval(), tokenizer, adapter_for(model),
                        source=source or f"local directory {path.resolve()}", weights_files=weights)
 

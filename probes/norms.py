@@ -1,0 +1,118 @@
+"""The normalisation layers of a model: where they are, what kind they are, and the
+per-token scale each one divides by.
+
+A *real* norm divides by a data-dependent scale, `sqrt(mean(x_c^2) + eps)` per token,
+where `x_c` is the token's vector centred over dims (LayerNorm) or not (RMSNorm).  A
+`FrozenNorm` divides by a fixed number instead (Heimersheim 2024, "You can remove GPT2's
+LayerNorm by fine-tuning").  LN removal turns every real norm into a frozen one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+
+from layerscope.probes.errors import UserError
+from layerscope.probes.families import NormKind, get_module
+from layerscope.probes.interventions import FrozenNorm
+from layerscope.probes.zoo import LoadedModel
+
+NormGroup = Literal["mlp", "attn", "final", "other"]
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """One norm of a model: its role (`ln2[3]`, `ln1[3]`, `final_norm`, `other:<path>`),
+    its full module path, and what its forward computes."""
+
+    role: str
+    path: str
+    group: NormGroup
+    kind: NormKind
+    eps: float
+    weight_offset: float
+
+
+def is_real_norm(module: torch.nn.Module) -> bool:
+    """A module that divides by a per-token scale computed from its input."""
+    if isinstance(module, FrozenNorm):
+        return False
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
+
+
+def norm_kind(module: torch.nn.Module) -> NormKind:
+    if isinstance(module, FrozenNorm):
+        return module.kind
+    return "layernorm" if isinstance(module, torch.nn.LayerNorm) else "rmsnorm"
+
+
+def norm_eps(module: torch.nn.Module) -> float:
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = getattr(module, "variance_epsilon", None)
+    # torch.nn.RMSNorm with eps=None uses the dtype's machine epsilon.
+    return float(eps) if eps is not None else torch.finfo(torch.float32).eps
+
+
+def norm_sites(loaded: LoadedModel) -> list[NormSite]:
+    """Every real norm of the model in removal order: the adapter's pre-MLP norms, then its
+    pre-attention norms, then the final norm, then any other norm found by type (BERT's
+    embedding and masked-LM-head LayerNorms).  Norms already frozen are left out."""
+    adapter, model = loaded.adapter, loaded.model
+    groups: dict[str, NormGroup] = {"ln2": "mlp", "ln1": "attn", "final_norm": "final"}
+    listed = [(role, path, groups[role.split("[")[0]]) for role, path in adapter.norm_paths(loaded.n_layers)]
+    listed_paths = {path for _, path, _ in listed}
+    listed += [(f"other:{path}", path, "other") for path, module in model.named_modules()
+               if path not in listed_paths and is_real_norm(module)]
+    sites = []
+    for role, path, group in listed:
+        module = get_module(model, path)
+        if not is_real_norm(module):
+            continue
+        kind = norm_kind(module)
+        offset = adapter.norm_weight_offset if kind == adapter.norm_kind else 0.0
+        sites.append(NormSite(role, path, group, kind, norm_eps(module), offset))
+    return sites
+
+
+def token_scale(x: Float[torch.Tensor, "batch pos d_model"], kind: NormKind,
+                eps: float) -> Float[torch.Tensor, "batch pos"]:
+    """The per-token scale a real norm divides by: `sqrt(mean(x_c^2) + eps)`."""
+    centred = x - x.mean(dim=-1, keepdim=True) if kind == "layernorm" else x
+    return (centred.square().mean(dim=-1) + eps).sqrt()
+
+
+def applied_scale(module: torch.nn.Module, x: Float[torch.Tensor, "batch pos d_model"]
+                  ) -> Float[torch.Tensor, "batch pos"]:
+    """The scale `module` divides each token of `x` by: fixed for a frozen norm (position
+    0 may have its own), computed from `x` for a real one."""
+    if isinstance(module, FrozenNorm) and not getattr(module, "live", False):
+        scale = module.scale.to(x.dtype).expand(x.shape[:-1]).clone()
+        scale[:, 0] = module.first_scale
+        return scale
+    real = getattr(module, "real", module)
+    return token_scale(x, norm_kind(real), norm_eps(real))
+
+
+def norm_forward(module: torch.nn.Module, x: Float[torch.Tensor, "batch pos d_model"],
+                 weight_offset: float = 0.0) -> Float[torch.Tensor, "batch pos d_model"]:
+    """What `module` computes on `x`, in `x`'s dtype (float64 for exact attributions)."""
+    real = getattr(module, "real", module)
+    if isinstance(module, FrozenNorm):
+        weight_offset = module.weight_offset
+    kind = norm_kind(module)
+    centred = x - x.mean(dim=-1, keepdim=True) if kind == "layernorm" else x
+    out = centred / applied_scale(module, x)[..., None] * (real.weight.to(x.dtype) + weight_offset)
+    bias = getattr(real, "bias", None)
+    return out + bias.to(x.dtype) if bias is not None else out
+
+
+def require_norms(loaded: LoadedModel) -> list[NormSite]:
+    sites = norm_sites(loaded)
+    if not sites:
+        raise UserError(f"{loaded.spec.name} has no norm that divides by a data-dependent scale "
+                        "(no LayerNorm or RMSNorm, or every norm is already frozen): nothing to remove")
+    return sites
