@@ -15,6 +15,7 @@ METRIC_MODULES = (
     "variance",
     "logit_lens",
     "prune_curve",
+    "dla",
 )
 
 

@@ -1,0 +1,154 @@
+"""Direct logit attribution (DLA): how much of a token's logit each component writes
+directly, through the final norm and the unembedding.
+
+The components are the embedding (with position embeddings, where the family has them)
+and each attention and MLP output; `bias` is the constant `W_U[t] . b_norm + b_U[t]`.
+The final norm's per-token scale is held at its value on the actual forward, so the
+terms always add up to the logit; the gap to the model's own logit is reported.
+
+On a norm-free model (Heimersheim 2024, "You can remove GPT2's LayerNorm by fine-tuning";
+Baroni et al. 2025, "Transformers Don't Need LayerNorm at Inference Time") each term is
+also the component's exact direct effect: removing it from the final residual changes the
+logit by exactly that much.  On a model with a real final norm the scale moves when a
+component is removed, so a term is only an approximation of the direct effect;
+`mean_abs_dla_minus_direct` and `direct_sum_gap` measure by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from layerscope.analysis.metric import Metric, Tables
+from layerscope.probes.capture import Capture, ProbeSpec, capture
+from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.direct_logit import CHECK_FIELDS, COMPONENT_FIELDS, DirectLogitAttribution
+from layerscope.probes.zoo import LoadedModel
+
+
+@dataclass(frozen=True)
+class DLAOptions:
+    token: str = field(default="next", metadata={
+        "help": "whose logit: 'next' (the true next token), 'top' (the model's top-1), a token's text, or 'id:N'"})
+
+
+def _label(component: str, layer) -> str:
+    return component if pd.isna(layer) else f"{component} {int(layer)}"
+
+
+@torch.no_grad()
+def dla(capture: Capture, decode=None) -> Tables:
+    """Three tables from a DLA capture.
+
+    - `dla`: one row per component: mean attribution `value` over scored tokens, `mean_abs`,
+      the mean `direct_effect`, and `mean_abs_dla_minus_direct`.
+    - `dla_check`: scored `tokens`, `mean_logit`, `mean_dla_sum`, `mean_abs_gap` and
+      `max_abs_gap` (sum of terms minus the model's logit), `direct_sum_gap` (mean |sum of
+      direct effects - logit|), `max_residual_gap` (|sum of components - final residual|),
+      whether the model is `norm_free`, and the final norm's kind.
+    - `dla_tokens`: the first window, one row per (position, component).
+    """
+    result = capture["dla"]
+    check = dict(zip(CHECK_FIELDS, result["check"].tolist()))
+    n = max(check["tokens"], 1.0)
+    rows = []
+    for (component, layer), sums in zip(result["component_names"], result["components"]):
+        s = dict(zip(COMPONENT_FIELDS, (v / n for v in sums.tolist())))
+        rows.append({"component": component, "layer": layer, "value": s["dla"], "mean_abs": s["abs_dla"],
+                     "direct_effect": s["direct_effect"], "mean_abs_dla_minus_direct": s["abs_dla_minus_direct"]})
+    table = pd.DataFrame(rows).astype({"layer": "Int64"})
+    summary = pd.DataFrame([{
+        "token": result["token"], "tokens": int(check["tokens"]), "mean_logit": check["logit"] / n,
+        "mean_dla_sum": check["dla_sum"] / n, "mean_abs_gap": check["abs_gap"] / n,
+        "max_abs_gap": check["max_abs_gap"], "direct_sum_gap": check["abs_direct_sum_gap"] / n,
+        "max_residual_gap": check["max_residual_gap"], "norm_free": result["norm_free"],
+        "final_norm": result["final_norm_kind"],
+    }])
+    example = result["example"]
+    token_rows = []
+    if example is not None:
+        ids, targets = example["input_ids"].tolist(), example["target"].tolist()
+        for pos in range(len(ids)):
+            if not example["valid"][pos]:
+                continue
+            for (component, layer), value in zip(result["component_names"], example["terms"][:, pos].tolist()):
+                token_rows.append({
+                    "position": pos, "token": decode([ids[pos]]) if decode else ids[pos],
+                    "target": decode([targets[pos]]) if decode else targets[pos], "component": component,
+                    "layer": layer, "value": value, "logit": example["logit"][pos].item()})
+    tokens = pd.DataFrame(token_rows, columns=["position", "token", "target", "component", "layer", "value", "logit"])
+    return {"dla": table, "dla_check": summary, "dla_tokens": tokens.astype({"layer": "Int64"})}
+
+
+def run(loaded: LoadedModel, windows: TokenWindows, options: DLAOptions, backend: str = "hooks",
+        progress: bool = False) -> Tables:
+    probe = ProbeSpec(reducers=(DirectLogitAttribution(token=options.token),))
+    return dla(capture(loaded, windows, probe, backend=backend, progress=progress), decode=loaded.tokenizer.decode)
+
+
+def dla_figure(table: pd.DataFrame, check: pd.DataFrame | None = None) -> go.Figure:
+    """Mean direct logit attribution of each component in residual order, with the mean
+    direct effect beside it (the two coincide on a norm-free model)."""
+    labels = [_label(c, l) for c, l in zip(table["component"], table["layer"])]
+    colours = {"embed": "#636efa", "attn": "#ef553b", "mlp": "#00cc96", "bias": "#ab63fa"}
+    fig = go.Figure()
+    fig.add_bar(x=labels, y=table["value"], name="DLA (scale frozen per token)",
+                marker_color=[colours[c] for c in table["component"]])
+    fig.add_scatter(x=labels, y=table["direct_effect"], name="direct effect (component removed)",
+                    mode="markers", marker={"color": "black", "symbol": "x"})
+    title = "Direct logit attribution by component"
+    if check is not None and not check.empty:
+        row = check.iloc[0]
+        kind = "norm-free model" if row["norm_free"] else "model with a real final norm"
+        title += (f" ({kind}; token {row['token']}: mean logit {row['mean_logit']:.3f}, "
+                  f"max |sum - logit| {row['max_abs_gap']:.2g}, mean |sum of direct effects - logit| "
+                  f"{row['direct_sum_gap']:.2g})")
+    fig.update_layout(title=title, xaxis_title="component", yaxis_title="mean logit contribution")
+    return fig
+
+
+def dla_tokens_figure(tokens: pd.DataFrame) -> go.Figure:
+    """Heatmap of the first window: component by position, each cell a term of that
+    position's logit."""
+    if tokens.empty:
+        return go.Figure().update_layout(title="DLA per token: no scored token")
+    tokens = tokens.assign(label=[_label(c, l) for c, l in zip(tokens["component"], tokens["layer"])])
+    grid = tokens.pivot(index="label", columns="position", values="value")
+    order = list(dict.fromkeys(tokens["label"]))
+    grid = grid.loc[order]
+    axis = tokens.drop_duplicates("position").set_index("position")
+    fig = go.Figure(go.Heatmap(
+        z=grid.values, x=[f"{p}: {axis.loc[p, 'token']!r}" for p in grid.columns], y=order,
+        colorscale="RdBu", zmid=0, colorbar={"title": "logit"},
+        hovertemplate="%{y}<br>%{x}<br>%{z:.3f}<extra></extra>"))
+    fig.update_layout(title="Direct logit attribution per token of the first window (target: the next token "
+                            "unless chosen otherwise)", yaxis={"autorange": "reversed"})
+    return fig
+
+
+def _figures(tables: Tables) -> list[go.Figure]:
+    return [dla_figure(tables["dla"], tables.get("dla_check")), dla_tokens_figure(tables["dla_tokens"])]
+
+
+def _summarize(tables: Tables) -> list[str]:
+    check = tables["dla_check"].iloc[0]
+    table = tables["dla"]
+    parts = table[table["component"] != "bias"]
+    top = parts.loc[parts["value"].abs().idxmax()]
+    kind = "norm-free" if check["norm_free"] else "real final norm"
+    return [f"dla ({kind}, token {check['token']}): components sum to the logit within {check['max_abs_gap']:.2g} "
+            f"(mean logit {check['mean_logit']:.4g}); largest mean term {_label(top['component'], top['layer'])} "
+            f"{top['value']:+.4g}; direct effects sum to the logit within {check['direct_sum_gap']:.2g} on average "
+            f"(mean |term - direct effect| {parts['mean_abs_dla_minus_direct'].mean():.2g})"]
+
+
+def _display(tables: Tables) -> Tables:
+    return {"dla (mean over scored tokens)": tables["dla"], "dla_check": tables["dla_check"]}
+
+
+METRIC = Metric("dla", "direct logit attribution of the embedding and each attention and MLP output "
+                "(exact on a norm-free model)", run, options=DLAOptions, figures=_figures,
+                summarize=_summarize, display=_display, causal_only=True)

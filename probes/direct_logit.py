@@ -1,0 +1,172 @@
+"""A streaming reducer for direct logit attribution (DLA).
+
+The final residual of a Pre-LN model is a sum of components, `h = embed + sum_l (attn_l +
+mlp_l)`, and the logit of token t is `W_U[t] . norm(h) + b_U[t]`.  With the final norm's
+per-token scale `s` held fixed, `norm` is linear, so
+
+    logit_t = sum_c W_U[t] . (c_centred / s * w) + (W_U[t] . b + b_U[t])
+
+splits the logit into one term per component plus a constant.  In a norm-free model
+(Heimersheim 2024; Baroni et al. 2025) `s` is a constant of the model, so each term is
+also that component's *direct effect*: the change in the logit when the component is
+removed from `h`.  With a real final norm, `s` moves when a component is removed, and the
+term and the direct effect differ; the reducer measures both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+
+from layerscope.probes.backends import Activations, Point
+from layerscope.probes.capture import Batch
+from layerscope.probes.errors import UserError
+from layerscope.probes.families import get_module
+from layerscope.probes.norms import applied_scale, is_real_norm, norm_forward, norm_kind
+from layerscope.probes.zoo import LoadedModel
+
+# Per-component sums over scored tokens.
+COMPONENT_FIELDS = ("dla", "abs_dla", "direct_effect", "abs_dla_minus_direct")
+# Per-model sums over scored tokens (and two maxima).
+CHECK_FIELDS = ("tokens", "logit", "dla_sum", "abs_gap", "max_abs_gap", "abs_direct_sum_gap", "max_residual_gap")
+
+
+@dataclass(frozen=True)
+class DirectLogitAttribution:
+    """Attribute the logit of a chosen token at every position to the embedding and each
+    attention and MLP output.  `token` is 'next' (the true next token), 'top' (the model's
+    top-1), a literal token text, or 'id:N'.  The first window is also kept per token."""
+
+    token: str = "next"
+    name: str = "dla"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        last = loaded.n_layers - 1
+        return [Point("resid_pre", 0), *(Point(kind, layer) for layer in range(loaded.n_layers)
+                                         for kind in ("attn_out", "mlp_out")), Point("resid_post", last)]
+
+    def start(self, loaded: LoadedModel) -> "_DLAState":
+        adapter = loaded.adapter
+        if not adapter.causal or adapter.unembed is None or adapter.final_norm is None:
+            raise UserError(f"DLA needs a causal model with a final norm and an unembedding; "
+                            f"{loaded.spec.name} ({adapter.name}) has not")
+        if adapter.placement != "pre":
+            raise UserError(f"DLA needs a Pre-LN model, whose final residual is the sum of its components; "
+                            f"{loaded.spec.name} is {adapter.placement}-LN")
+        return _DLAState(loaded, resolve_token(loaded, self.token))
+
+
+def resolve_token(loaded: LoadedModel, token: str) -> int | str:
+    if token in ("next", "top"):
+        return token
+    if token.startswith("id:"):
+        try:
+            value = int(token[3:])
+        except ValueError:
+            raise UserError(f"--token {token!r}: after 'id:' comes a token id") from None
+        if not 0 <= value < loaded.config.vocab_size:
+            raise UserError(f"--token id {value} is outside the vocabulary of {loaded.config.vocab_size}")
+        return value
+    ids = loaded.tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise UserError(f"--token {token!r} is {len(ids)} tokens for this tokenizer, not one; "
+                        "use 'next', 'top', or 'id:N'")
+    return ids[0]
+
+
+def component_names(n_layers: int) -> list[tuple[str, int | None]]:
+    """(component, layer) in residual order, then the constant term ('bias')."""
+    return [("embed", None), *((kind, l) for l in range(n_layers) for kind in ("attn", "mlp")), ("bias", None)]
+
+
+class _DLAState:
+    def __init__(self, loaded: LoadedModel, token: int | str):
+        model, adapter = loaded.model, loaded.adapter
+        self.n_layers = loaded.n_layers
+        self.token = token
+        self.norm = get_module(model, adapter.final_norm)
+        self.weight_offset = adapter.norm_weight_offset
+        self.kind = norm_kind(self.norm)
+        unembed = get_module(model, adapter.unembed)
+        self.w_u = unembed.weight.detach()
+        self.b_u = unembed.bias.detach() if getattr(unembed, "bias", None) is not None else None
+        self.norm_free = not any(is_real_norm(m) for m in model.modules())
+        n = len(component_names(self.n_layers))
+        self.components = torch.zeros(n, len(COMPONENT_FIELDS), dtype=torch.float64)
+        self.check = torch.zeros(len(CHECK_FIELDS), dtype=torch.float64)
+        self.example: dict[str, torch.Tensor] | None = None
+
+    def targets(self, batch: Batch) -> tuple[Int[torch.Tensor, "batch pos"], torch.Tensor]:
+        ids = batch.input_ids
+        valid = torch.ones(ids.shape, dtype=torch.bool)
+        if self.token == "next":
+            target = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+            valid[:, -1] = False
+        elif self.token == "top":
+            target = batch.logits.argmax(dim=-1)
+        else:
+            target = torch.full(ids.shape, self.token)
+        return target, valid
+
+    @torch.no_grad()
+    def update(self, acts: Activations, batch: Batch) -> None:
+        target, valid = self.targets(batch)
+        parts = [acts[Point("resid_pre", 0)]]
+        for layer in range(self.n_layers):
+            parts += [acts[Point("attn_out", layer)], acts[Point("mlp_out", layer)]]
+        h = acts[Point("resid_post", self.n_layers - 1)].double()
+        direction = self.w_u[target].double()  # [batch pos d_model]
+        dla, direct, constant = attribute(parts, h, self.norm, direction, self.weight_offset)
+        if self.b_u is not None:
+            constant = constant + self.b_u[target].double()
+        model_logit = batch.logits.gather(-1, target[..., None])[..., 0].double()
+        terms = torch.cat([dla, constant[None]])  # [component batch pos], the constant last
+        effects = torch.cat([direct, constant[None]])
+        gap = terms.sum(0) - model_logit
+        residual_gap = (torch.stack([p.double() for p in parts]).sum(0) - h).abs().amax()
+        m = valid.double()
+        for i, (value, effect) in enumerate(zip(terms, effects)):
+            self.components[i] += torch.stack([(value * m).sum(), (value.abs() * m).sum(), (effect * m).sum(),
+                                               ((value - effect).abs() * m).sum()])
+        scored_gap = gap.abs()[valid]
+        self.check += torch.stack([
+            m.sum(), (model_logit * m).sum(), (terms.sum(0) * m).sum(), scored_gap.sum(), torch.zeros(()),
+            ((effects.sum(0) - model_logit).abs() * m).sum(), torch.zeros(())])
+        self.check[4] = max(self.check[4].item(), scored_gap.max().item() if scored_gap.numel() else 0.0)
+        self.check[6] = max(self.check[6].item(), residual_gap.item())
+        if self.example is None:
+            self.example = {"input_ids": batch.input_ids[0].clone(), "target": target[0].clone(),
+                            "valid": valid[0].clone(), "terms": terms[:, 0].float().clone(),
+                            "logit": model_logit[0].float().clone()}
+
+    def result(self) -> dict:
+        return {"components": self.components, "component_names": component_names(self.n_layers),
+                "check": self.check, "norm_free": self.norm_free, "final_norm_kind": self.kind,
+                "token": str(self.token), "example": self.example}
+
+
+def attribute(parts: list[Float[torch.Tensor, "batch pos d_model"]], h: Float[torch.Tensor, "batch pos d_model"],
+              norm: torch.nn.Module, direction: Float[torch.Tensor, "batch pos d_model"], weight_offset: float
+              ) -> tuple[Float[torch.Tensor, "component batch pos"], Float[torch.Tensor, "component batch pos"],
+                         Float[torch.Tensor, "batch pos"]]:
+    """Each component's attribution with the final norm's per-token scale frozen at its value
+    on `h`, each component's direct effect (logit with `h` minus logit with `h - c`, through
+    the actual norm), and the constant term `W_U[t] . b` of the norm's bias; float64."""
+    real = getattr(norm, "real", norm)
+    offset = getattr(norm, "weight_offset", weight_offset)
+    weight = real.weight.double() + offset
+    scale = applied_scale(norm, h)[..., None]
+    bias = getattr(real, "bias", None)
+    constant = (direction * bias.double()).sum(-1) if bias is not None else torch.zeros(h.shape[:-1], dtype=h.dtype)
+    through = lambda x: (norm_forward(norm, x, weight_offset) * direction).sum(-1)
+    full = through(h)
+    dla, direct = [], []
+    for part in parts:
+        c = part.double()
+        if norm_kind(norm) == "layernorm":
+            c = c - c.mean(dim=-1, keepdim=True)
+        dla.append((c / scale * weight * direction).sum(-1))
+        direct.append(full - through(h - part.double()))
+    return torch.stack(dla), torch.stack(direct), constant
