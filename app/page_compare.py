@@ -21,16 +21,16 @@ first = columns[0].selectbox("first run", ids, index=0, format_func=labels.get, 
 second = columns[1].selectbox("second run", ids, index=1, format_func=labels.get, key="compare_second")
 
 with ui.user_errors():
-    first_manifest, _ = ui.cached_run(str(root), first)
-    second_manifest, _ = ui.cached_run(str(root), second)
+    first_manifest, _ = ui.cached_run(root, first)
+    second_manifest, _ = ui.cached_run(root, second)
     columns[0].caption(ui.run_caption(first_manifest))
     columns[1].caption(ui.run_caption(second_manifest))
     first_label, second_label = first_manifest["model"]["model"], second_manifest["model"]["model"]
     if first_label == second_label:
         first_label, second_label = "first", "second"
-    second_figures = {name: figures for name, figures, _, _ in ui.cached_figures(str(root), second)}
+    second_figures = {name: figures for name, figures, _, _ in ui.cached_figures(root, second)}
     shared = 0
-    for name, figures, _, _ in ui.cached_figures(str(root), first):
+    for name, figures, _, _ in ui.cached_figures(root, first):
         if name not in second_figures:
             continue
         shared += 1

@@ -99,18 +99,34 @@ def cached_model(name: str) -> tuple[LoadedModel, threading.Lock]:
     return load_model(name), threading.Lock()
 
 
+def _folder_stamp(root: Path, run_id: str) -> tuple:
+    folder = Path(root) / run_id
+    if not folder.is_dir():
+        return ()
+    return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir()))
+
+
 @st.cache_data(show_spinner=False)
-def cached_run(root: str, run_id: str) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """A stored run; runs never change once complete, so the id is a sufficient key."""
+def _load_run(root: str, run_id: str, stamp: tuple) -> tuple[dict, dict[str, pd.DataFrame]]:
     return load_run(run_id, Path(root))
 
 
 @st.cache_data(show_spinner=False)
-def cached_figures(root: str, run_id: str) -> list[tuple[str, list, list[str], bool]]:
-    """Each measurement of a run as (name, figures, findings, registered)."""
-    manifest, tables = cached_run(root, run_id)
+def _run_figures(root: str, run_id: str, stamp: tuple) -> list[tuple[str, list, list[str], bool]]:
+    manifest, tables = _load_run(root, run_id, stamp)
     return [(entry.name, entry.figures, entry.findings, entry.metric is not None)
             for entry in run_figures(manifest, tables)]
+
+
+def cached_run(root: Path, run_id: str) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """A stored run, cached under its files' sizes and times, so a run damaged or
+    rewritten on disk is read again rather than shown from the cache."""
+    return _load_run(str(root), run_id, _folder_stamp(root, run_id))
+
+
+def cached_figures(root: Path, run_id: str) -> list[tuple[str, list, list[str], bool]]:
+    """Each measurement of a run as (name, figures, findings, registered)."""
+    return _run_figures(str(root), run_id, _folder_stamp(root, run_id))
 
 
 def complete_runs() -> list[dict]:
@@ -119,6 +135,12 @@ def complete_runs() -> list[dict]:
 
 # ---------------------------------------------------------------- measurement options
 
+def _without_none(hint):
+    """`int | None` is an int control that may be left empty (None means 'automatic')."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if len(args) == 1 else hint
+
+
 def option_controls(metric: Metric):
     """One widget per field of the measurement's options dataclass; returns the options."""
     hints = typing.get_type_hints(metric.options, vars(sys.modules[metric.options.__module__]))
@@ -126,16 +148,18 @@ def option_controls(metric: Metric):
     for f in fields(metric.options):
         default = None if f.default is MISSING else f.default
         label, help_text, key = f.name.replace("_", " "), f.metadata.get("help"), f"{metric.name}.{f.name}"
-        kind, choices = hints[f.name], f.metadata.get("choices")
+        kind, choices = _without_none(hints[f.name]), f.metadata.get("choices")
         if choices:
             values[f.name] = st.selectbox(label, choices, index=list(choices).index(default) if default in choices
                                           else 0, help=help_text, key=key)
         elif kind is bool:
             values[f.name] = st.checkbox(label, value=bool(default), help=help_text, key=key)
         elif kind is int:
-            values[f.name] = int(st.number_input(label, value=default, step=1, help=help_text, key=key))
+            number = st.number_input(label, value=default, step=1, help=help_text, key=key)
+            values[f.name] = None if number is None else int(number)
         elif kind is float:
-            values[f.name] = float(st.number_input(label, value=default, help=help_text, key=key, format="%g"))
+            number = st.number_input(label, value=default, help=help_text, key=key, format="%g")
+            values[f.name] = None if number is None else float(number)
         else:
             values[f.name] = st.text_input(label, value=default or "", help=help_text, key=key)
     return metric.options(**values)
@@ -152,9 +176,9 @@ def run_caption(manifest: dict) -> str:
 
 def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
     """Every figure of a stored run, its findings, and the tables the measurement displays."""
-    manifest, tables = cached_run(str(root), run_id)
+    manifest, tables = cached_run(root, run_id)
     st.caption(run_caption(manifest))
-    for name, figures, findings, registered in cached_figures(str(root), run_id):
+    for name, figures, findings, registered in cached_figures(root, run_id):
         if len(manifest.get("options", {})) > 1:
             st.subheader(name)
         if not registered:

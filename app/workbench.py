@@ -6,6 +6,7 @@ measurements come from the registry.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -69,9 +70,24 @@ def checked_model_name(name: str, settings: AppSettings) -> str:
     name = name.strip()
     if not name:
         raise UserError("no model chosen: pick a zoo model or type a local directory")
-    if ModelSpec(name).kind == "local":
-        return str(_inside_allowed(name, "model path", settings.allowed_dirs))
-    return name
+    if ModelSpec(name).kind != "local":
+        return name
+    folder = _inside_allowed(name, "model path", settings.allowed_dirs)
+    _refuse_custom_code(folder)
+    return str(folder)
+
+
+def _refuse_custom_code(folder: Path) -> None:
+    # transformers asks on the terminal before running a model's own code; a server
+    # must never reach that question, and layerscope never runs such code.
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and "auto_map" in config:
+            raise UserError(f"{folder} needs its own Python code ({name} has an auto_map), "
+                            "and layerscope never runs code shipped with a model")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,172 @@
+"""The Streamlit app under AppTest: every page on a tiny model, reopening stored runs,
+the compare view, and bad input shown as a readable error."""
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from streamlit.util import calc_hash
+
+import layerscope.app
+from layerscope.analysis.registry import METRICS
+from layerscope.analysis.store import list_runs, load_run
+from layerscope.app.ui import OTHER_MODEL
+from layerscope.app.workbench import MAX_TEXT_CHARS
+
+APP = Path(layerscope.app.__file__).with_name("streamlit_app.py")
+TEXT = "The residual stream carries each token through the blocks; some blocks barely change it."
+TIMEOUT = 120
+
+
+@pytest.fixture(autouse=True)
+def store(tmp_path, monkeypatch):
+    """Each test gets its own run store, and may read only its own temporary folder."""
+    monkeypatch.setenv("LAYERSCOPE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("LAYERSCOPE_ALLOWED_DIRS", str(tmp_path))
+    return tmp_path / "runs"
+
+
+def open_app(page: str | None = None, **state) -> AppTest:
+    """A fresh session on `page`: a measurement name, or a page file such as page_runs.py."""
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for key, value in {"model_choice": "tiny-llama", "corpus_kind": "text", "corpus_text": TEXT, **state}.items():
+        at.session_state[key] = value
+    at.run()
+    if page in METRICS:
+        # AppTest.switch_page takes page files only; the measurement pages are callables
+        # built from the registry, which Streamlit addresses by the hash of their url path.
+        at._page_hash = calc_hash(page)
+        at.run()
+    elif page:
+        at.switch_page(page).run()
+    return at
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_overview_shows_the_model_card():
+    at = open_app()
+    assert_clean(at)
+    shown = {m.label: m.value for m in at.metric}
+    assert shown == {"family": "llama", "layers": "4", "d_model": "64", "heads (KV)": "4 (2)", "parameters": "181,312"}
+    assert "random llama built from a config with seed 0" in at.markdown[0].value
+    assert set(at.dataframe[1].value["measurement"]) == set(METRICS)
+
+
+def _token_texts(tables) -> set[str]:
+    return {value for table in tables.values() for column in table.columns if "token" in column
+            for value in table[column] if isinstance(value, str) and value.strip()}
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_every_measurement_page_runs_and_reopens_from_the_store(name, store):
+    at = open_app(name)
+    assert_clean(at)
+    assert [b.label for b in at.button] == ["Run"] and not charts(at)
+    at.button(key=f"{name}.run").click().run()
+    assert_clean(at)
+    [run] = list_runs(store)
+    manifest, tables = load_run(run["run_id"], store)
+    drawn = charts(at)
+    assert len(drawn) == len(METRICS[name].figures(tables)) >= 1
+    assert len(at.dataframe) == len(METRICS[name].display(tables))
+    # Hover: where a table names tokens, the figures carry that text for the hover labels.
+    tokens = _token_texts(tables)
+    if tokens:
+        assert any(token in json.dumps(chart) for chart in drawn for token in tokens)
+
+    reopened = open_app(name)
+    assert_clean(reopened)
+    assert [b.label for b in reopened.button] == ["Run again"]
+    assert charts(reopened) == drawn
+    assert run["run_id"] in reopened.caption[-1].value
+    assert len(list_runs(store)) == 1, "reopening must not measure again"
+
+
+def test_other_settings_are_a_different_run():
+    at = open_app("residual-stats")
+    at.button(key="residual-stats.run").click().run()
+    at.sidebar.text_area(key="corpus_text").input(TEXT + " One more sentence.").run()
+    assert_clean(at)
+    assert [b.label for b in at.button] == ["Run"] and not charts(at)
+
+
+def test_runs_page_lists_and_draws_a_stored_run(store):
+    open_app("residual-stats").button(key="residual-stats.run").click().run()
+    at = open_app("page_runs.py")
+    assert_clean(at)
+    assert list(at.dataframe[0].value["status"]) == ["complete"]
+    assert len(charts(at)) == 1
+    assert at.get("download_button")
+
+
+def test_compare_overlays_two_models(store):
+    for model in ("tiny-llama", "tiny-gpt2"):
+        open_app("residual-stats", model_choice=model).button(key="residual-stats.run").click().run()
+    at = open_app("page_compare.py")
+    assert_clean(at)
+    [chart] = charts(at)
+    names = [trace["name"] for trace in chart["data"]]
+    assert any(n.endswith("· tiny-llama") for n in names) and any(n.endswith("· tiny-gpt2") for n in names)
+
+
+def test_compare_asks_for_two_runs():
+    at = open_app("page_compare.py")
+    assert_clean(at)
+    assert "needs two complete runs" in at.info[0].value
+
+
+@pytest.mark.parametrize("state, message, pages", [
+    ({"corpus_text": ""}, "the text is empty", ["block-influence"]),
+    ({"corpus_text": "x" * (MAX_TEXT_CHARS + 1)}, f"over the cap of {MAX_TEXT_CHARS:,}", ["block-influence"]),
+    ({"model_choice": OTHER_MODEL, "model_path": "/no/such/model"}, "outside the folders this app may read",
+     ["block-influence", None]),
+    ({"model_choice": OTHER_MODEL, "model_path": "no-such-model"}, "unknown model 'no-such-model'", [None]),
+])
+def test_bad_input_is_a_readable_error(state, message, pages):
+    for page in pages:
+        at = open_app(page, **state)
+        assert not at.exception
+        assert len(at.error) == 1 and message in at.error[0].value, [e.value for e in at.error]
+
+
+def test_a_missing_model_folder_inside_the_allowed_ones_is_a_readable_error(tmp_path):
+    at = open_app(model_choice=OTHER_MODEL, model_path=str(tmp_path / "missing-model"))
+    assert not at.exception
+    assert "does not exist" in at.error[0].value
+
+
+def test_a_model_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path):
+    folder = tmp_path / "custom-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "custom", "auto_map": {
+        "AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.Custom"}}))
+    marker = folder / "RAN"
+    for module in ("configuration_custom.py", "modeling_custom.py"):
+        (folder / module).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    at = open_app(model_choice=OTHER_MODEL, model_path=str(folder))
+    assert not at.exception
+    assert "never runs code shipped with a model" in at.error[0].value
+    assert not marker.exists()
+
+
+def test_a_corrupted_run_folder_is_a_readable_error(store):
+    open_app("residual-stats").button(key="residual-stats.run").click().run()
+    [run] = list_runs(store)
+    (Path(run["path"]) / "residual_stats.parquet").write_bytes(b"PAR1 damaged")
+    at = open_app("residual-stats")
+    assert not at.exception
+    assert "is corrupt" in at.error[0].value and [b.label for b in at.button] == ["Run again"]
+    (Path(run["path"]) / "manifest.json").write_text("{")
+    at = open_app("page_runs.py")
+    assert not at.exception
+    assert list(at.dataframe[0].value["status"]) == ["corrupt"]
+    assert "is corrupt" in at.error[0].value
