@@ -42,3 +42,19 @@ def test_minilm_loads_and_backends_agree():
     for p in wanted:
         torch.testing.assert_close(traced[p], hooks[p], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hooks[Point("resid_post", 5)], hidden[6], rtol=1e-4, atol=1e-5)
+
+
+def _smollm_windows(smollm2, max_tokens, seq_len=64):
+    spec = CorpusSpec("stdlib", seq_len=seq_len, max_tokens=max_tokens, batch_size=4)
+    return token_windows(spec, smollm2.tokenizer, smollm2.bos_token_id, smollm2.max_context)
+
+
+def test_smollm2_depth_findings_match_the_papers(smollm2):
+    from layerscope.analysis.block_influence import METRIC as BLOCK_INFLUENCE
+    from layerscope.analysis.layer_skip import METRIC as LAYER_SKIP
+
+    windows = _smollm_windows(smollm2, 256)
+    bi = BLOCK_INFLUENCE(smollm2, windows)["block_influence"]["block_influence"]
+    assert bi.iloc[15:].mean() < bi.iloc[:15].mean()
+    skips = LAYER_SKIP(smollm2, windows.head(128))["layer_skip"].set_index("layer")["delta_ce"]
+    assert skips.loc[0] > skips.loc[10:19].max()
