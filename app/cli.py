@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the working directory and the model cache)")
     app.add_argument("--port", type=int, default=8501)
     app.add_argument("--address", default="127.0.0.1", help="address to serve on (default: this machine only)")
+
+    from layerscope.app.ln_removal_cli import add_ln_removal_parser
+
+    add_ln_removal_parser(sub)
     return parser
 
 
@@ -286,14 +290,20 @@ def cmd_app(args) -> int:
     app_file = Path(__file__).with_name("streamlit_app.py")
     command = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(args.port),
                "--server.address", args.address, "--server.headless", "true",
-               "--browser.gatherUsageStats", "false"]
+               "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     print(f"layerscope app on http://{args.address}:{args.port} (runs in {settings.runs_dir}); Ctrl-C stops it",
           file=sys.stderr)
     return subprocess.call(command, env={**os.environ, **settings.to_env()})
 
 
+def cmd_ln_removal(args) -> int:
+    from layerscope.app.ln_removal_cli import cmd_ln_removal as run
+
+    return run(args)
+
+
 COMMANDS = {"analyze": cmd_analyze, "survey": cmd_survey, "models": cmd_models, "runs": cmd_runs,
-            "report": cmd_report, "app": cmd_app}
+            "report": cmd_report, "app": cmd_app, "ln-removal": cmd_ln_removal}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,9 +36,9 @@ def measurement_page(metric_name: str) -> None:
             bar = st.progress(0.0, text=f"loading {model}")
             loaded, lock = ui.cached_model(model)
             with lock:
-                run_id = measure(metric, loaded, corpus, options, key, ui.settings(), backend,
-                                 on_stage=lambda fraction, text: bar.progress(fraction, text=text))
-            bar.empty()
+                measure(metric, loaded, corpus, options, key, ui.settings(), backend,
+                        on_stage=lambda fraction, text: bar.progress(fraction, text=text))
+            st.rerun()  # draw the page again as it is for a stored run
         if run_id is None:
             st.info(f"{metric.name} has not been measured on {model} with these settings yet: press Run.")
             return
