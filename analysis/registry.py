@@ -10,6 +10,11 @@ from layerscope.analysis.metric import Metric
 
 METRIC_MODULES = (
     "residual_stats",
+    "massive",
+    "super_weights",
+    "int8_outliers",
+    "kurtosis",
+    "sinks",
     "block_influence",
     "layer_skip",
     "variance",

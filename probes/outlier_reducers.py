@@ -1,0 +1,454 @@
+"""Streaming reducers for the outlier measurements: massive activations, LLM.int8 outlier
+features, kurtosis, attention sinks, residual sinks, and the next-token loss that
+interventions are judged by.
+
+Every state here has a size set by the model (layers, heads, d_model), the window length
+and the options, never by the number of windows seen: top-k lists are merged batch by
+batch, counts and sums are folded, and medians come from fixed-bin log histograms.
+States reach model modules only through closures, so `tensor_bytes` counts the
+statistics and not the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+
+from layerscope.probes.backends import Activations, Point
+from layerscope.probes.capture import Batch, ProbeSpec, capture
+from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.errors import UserError
+from layerscope.probes.families import get_module
+from layerscope.probes.zoo import LoadedModel
+
+# Log histogram of |x|: 100 bins a decade from 1e-8 to 1e8; |x| below the range lands in
+# the first bin and above it in the last.
+LOG_LOW, LOG_HIGH, BINS_PER_DECADE = -8, 8, 100
+N_LOG_BINS = (LOG_HIGH - LOG_LOW) * BINS_PER_DECADE
+PROJECTION_SITES = ("attn_in", "mlp_in")
+
+
+# ---------------------------------------------------------------- log histograms
+
+def log_bins(x: torch.Tensor) -> Int[torch.Tensor, "..."]:
+    """The log-histogram bin of each |x|."""
+    index = ((x.abs().float().log10() - LOG_LOW) * BINS_PER_DECADE).floor()
+    return index.clamp(0, N_LOG_BINS - 1).long()
+
+
+def log_histogram_quantile(counts: Int[torch.Tensor, "row bin"], q: float = 0.5) -> Float[torch.Tensor, "row"]:
+    """The q-quantile of |x| per row, as the geometric centre of the bin that holds it.
+
+    The true quantile lies in that bin, so the relative error is at most half a bin:
+    10**(0.5/100) - 1, about 1.2%.
+    """
+    cumulative = counts.cumsum(-1)
+    target = (q * cumulative[:, -1:].double()).ceil().clamp_min(1).long()
+    index = torch.searchsorted(cumulative, target).squeeze(-1)
+    return 10.0 ** (LOG_LOW + (index.double() + 0.5) / BINS_PER_DECADE)
+
+
+# ---------------------------------------------------------------- projection inputs and values
+
+def projection_inputs(loaded: LoadedModel) -> tuple[tuple[str, ...], Callable, Callable]:
+    """What the attention projections and the MLP up-projection read, rebuilt from residual points.
+
+    Returns the point kinds needed and `attn_in(acts, layer)`, `mlp_in(acts, layer)`.  Pre-LN
+    blocks read their norms' outputs, so the block's own norm modules are applied to the
+    captured residual; Post-LN blocks read the residual itself; parallel blocks feed the
+    MLP from resid_pre.  Recomputing keeps every backend usable and costs one norm call.
+    """
+    adapter = loaded.adapter
+    blocks = adapter.layer_modules(loaded.model)
+    parallel = adapter.resid_mid_from == "derived"
+    kinds = ("resid_pre",) if parallel else ("resid_pre", "resid_mid")
+
+    def normed(norm_path: str, x: torch.Tensor, layer: int) -> torch.Tensor:
+        return x if adapter.placement == "post" else get_module(blocks[layer], norm_path)(x)
+
+    def attn_in(acts: Activations, layer: int) -> torch.Tensor:
+        return normed(adapter.ln1, acts[Point("resid_pre", layer)], layer)
+
+    def mlp_in(acts: Activations, layer: int) -> torch.Tensor:
+        return normed(adapter.ln2, acts[Point(kinds[-1], layer)], layer)
+
+    return kinds, attn_in, mlp_in
+
+
+def head_dim(loaded: LoadedModel) -> int:
+    return getattr(loaded.config, "head_dim", None) or loaded.d_model // loaded.n_heads
+
+
+def value_vectors(loaded: LoadedModel) -> Callable:
+    """`values(attn_in, layer) -> [batch pos kv_head d_head]`: the value projection of each
+    key, in the family's fused or separate layout (the adapter's `qkv_layout`)."""
+    adapter = loaded.adapter
+    blocks = adapter.layer_modules(loaded.model)
+    d_head, n_heads, n_kv = head_dim(loaded), loaded.n_heads, loaded.n_kv_heads
+
+    def values(attn_in: torch.Tensor, layer: int) -> torch.Tensor:
+        out = get_module(blocks[layer], adapter.attn_projections[-1])(attn_in)
+        b, t = out.shape[:2]
+        if adapter.qkv_layout == "separate":
+            return out.view(b, t, n_kv, d_head)
+        if adapter.qkv_layout == "concat":
+            return out[..., 2 * n_heads * d_head:].reshape(b, t, n_heads, d_head)
+        return out.view(b, t, n_heads, 3 * d_head)[..., 2 * d_head:]
+
+    return values
+
+
+# ---------------------------------------------------------------- next-token loss
+
+@dataclass(frozen=True)
+class NextTokenLoss:
+    """Summed cross-entropy of every next-token prediction inside the windows."""
+
+    name: str = "loss"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        return []
+
+    def start(self, loaded: LoadedModel) -> "_LossState":
+        if not loaded.adapter.causal:
+            raise UserError(f"a loss needs a causal language model; {loaded.spec.name} is an encoder")
+        return _LossState()
+
+
+class _LossState:
+    def __init__(self):
+        self.sums = torch.zeros(2, dtype=torch.float64)  # summed CE, predictions
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        logits = batch.logits[:, :-1]
+        targets = batch.input_ids[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+        self.sums += torch.tensor([ce.item(), targets.numel()], dtype=torch.float64)
+
+    def result(self) -> dict:
+        return {"loss": (self.sums[0] / self.sums[1]).item(), "predictions": int(self.sums[1])}
+
+
+def mean_loss(loaded: LoadedModel, windows: TokenWindows, progress: bool = False) -> float:
+    """Mean next-token cross-entropy over the windows, read through the hooks backend, which
+    runs the HF module tree itself and so sees any intervention active on it."""
+    return capture(loaded, windows, ProbeSpec((NextTokenLoss(),)), backend="hooks", progress=progress)["loss"]["loss"]
+
+
+# ---------------------------------------------------------------- massive activations
+
+@dataclass(frozen=True)
+class MassiveActivations:
+    """Per layer of `kind`: the top-k |x| over distinct (position, dim) pairs with the window
+    and token where each peaked, a log histogram of |x| (for the median), each dim's largest
+    |x| with where it occurred, and per dim the number of tokens with |x| > `min_value` at
+    position 0 and at the other positions (Sun et al. 2024)."""
+
+    k: int = 3
+    min_value: float = 100.0
+    kind: str = "resid_post"
+    name: str = "massive"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        return [Point(self.kind, l) for l in range(loaded.n_layers)]
+
+    def start(self, loaded: LoadedModel) -> "_MassiveState":
+        return _MassiveState(self.k, self.min_value, self.kind, loaded.n_layers, loaded.d_model)
+
+
+class _MassiveState:
+    def __init__(self, k: int, min_value: float, kind: str, n_layers: int, d_model: int):
+        self.k, self.min_value, self.kind = k, min_value, kind
+        self.top_abs = torch.full((n_layers, k), -1.0, dtype=torch.float64)
+        self.top_value = torch.zeros(n_layers, k, dtype=torch.float64)
+        self.top_where = torch.zeros(n_layers, k, 4, dtype=torch.long)  # window, position, dim, token
+        self.histogram = torch.zeros(n_layers, N_LOG_BINS, dtype=torch.long)
+        self.dim_max = torch.full((n_layers, d_model), -1.0, dtype=torch.float64)
+        self.dim_where = torch.zeros(n_layers, d_model, 3, dtype=torch.long)  # window, position, token
+        self.over = torch.zeros(n_layers, d_model, 2, dtype=torch.long)  # position 0, other positions
+        self.tokens = 0
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        b, t = batch.input_ids.shape
+        self.tokens += b * t
+        for point, x in acts.items():
+            layer, absx = point.layer, x.abs()
+            self.histogram[layer] += torch.bincount(log_bins(x).flatten(), minlength=N_LOG_BINS)
+            self.over[layer, :, 0] += (absx[:, 0] > self.min_value).sum(0)
+            self.over[layer, :, 1] += (absx[:, 1:] > self.min_value).sum((0, 1))
+            self._fold_dim_max(layer, absx, batch)
+            self._fold_top(layer, x, absx, batch)
+
+    def _fold_dim_max(self, layer: int, absx: torch.Tensor, batch: Batch) -> None:
+        t = absx.shape[1]
+        value, flat = absx.flatten(0, 1).max(0)
+        better = value.double() > self.dim_max[layer]
+        window, pos = flat // t, flat % t
+        where = torch.stack([window + batch.offset, pos, batch.input_ids[window, pos]], dim=-1)
+        self.dim_max[layer] = torch.where(better, value.double(), self.dim_max[layer])
+        self.dim_where[layer] = torch.where(better[:, None], where, self.dim_where[layer])
+
+    def _fold_top(self, layer: int, x: torch.Tensor, absx: torch.Tensor, batch: Batch) -> None:
+        # The largest |x| of each (position, dim) over the batch's windows first: a pair
+        # in the global top-k is then in the top-k of the batch where it peaks.
+        per_pair, window = absx.max(0)
+        d = absx.shape[-1]
+        value, flat = per_pair.flatten().topk(min(self.k, per_pair.numel()))
+        pos, dim = flat // d, flat % d
+        win = window[pos, dim]
+        where = torch.stack([win + batch.offset, pos, dim, batch.input_ids[win, pos]], dim=-1)
+        candidates_abs = torch.cat([self.top_abs[layer], value.double()])
+        candidates_value = torch.cat([self.top_value[layer], x[win, pos, dim].double()])
+        candidates_where = torch.cat([self.top_where[layer], where])
+        kept, seen = [], set()
+        for i in candidates_abs.argsort(descending=True).tolist():
+            key = tuple(candidates_where[i, 1:3].tolist())
+            if candidates_abs[i] < 0 or key in seen:
+                continue
+            seen.add(key)
+            kept.append(i)
+            if len(kept) == self.k:
+                break
+        n = len(kept)
+        self.top_abs[layer, :n] = candidates_abs[kept]
+        self.top_value[layer, :n] = candidates_value[kept]
+        self.top_where[layer, :n] = candidates_where[kept]
+
+    def result(self) -> dict:
+        return {"kind": self.kind, "k": self.k, "min_value": self.min_value, "tokens": self.tokens,
+                "top_abs": self.top_abs, "top_value": self.top_value, "top_where": self.top_where,
+                "median": log_histogram_quantile(self.histogram), "dim_max": self.dim_max,
+                "dim_where": self.dim_where, "over": self.over}
+
+
+@dataclass(frozen=True)
+class ThresholdedMean:
+    """Per dim of one point: the mean of the values whose |x| >= threshold, and how many there were."""
+
+    point: Point
+    dims: tuple[int, ...]
+    threshold: float
+    name: str = "thresholded_mean"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        return [self.point]
+
+    def start(self, loaded: LoadedModel) -> "_ThresholdedMeanState":
+        return _ThresholdedMeanState(self.point, list(self.dims), self.threshold)
+
+
+class _ThresholdedMeanState:
+    def __init__(self, point: Point, dims: list[int], threshold: float):
+        self.point, self.dims, self.threshold = point, dims, threshold
+        self.sums = torch.zeros(len(dims), dtype=torch.float64)
+        self.counts = torch.zeros(len(dims), dtype=torch.long)
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        x = acts[self.point][..., self.dims]
+        hit = x.abs() >= self.threshold
+        self.sums += torch.where(hit, x, 0).double().sum((0, 1))
+        self.counts += hit.sum((0, 1))
+
+    def result(self) -> dict:
+        return {"dims": self.dims, "mean": self.sums / self.counts.clamp_min(1), "count": self.counts}
+
+
+# ---------------------------------------------------------------- LLM.int8 outlier features
+
+@dataclass(frozen=True)
+class ProjectionOutliers:
+    """Per layer, per projection input (attention, MLP up-projection) and per dim: how many
+    tokens have |x| >= threshold, and the largest |x| (Dettmers et al. 2022, LLM.int8())."""
+
+    threshold: float = 6.0
+    name: str = "projection_outliers"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        kinds = projection_inputs(loaded)[0]
+        return [Point(k, l) for k in kinds for l in range(loaded.n_layers)]
+
+    def start(self, loaded: LoadedModel) -> "_ProjectionOutlierState":
+        _, attn_in, mlp_in = projection_inputs(loaded)
+        return _ProjectionOutlierState(self.threshold, (attn_in, mlp_in), loaded.n_layers, loaded.d_model)
+
+
+class _ProjectionOutlierState:
+    def __init__(self, threshold: float, inputs: tuple[Callable, ...], n_layers: int, d_model: int):
+        self.threshold, self.inputs, self.n_layers = threshold, inputs, n_layers
+        self.counts = torch.zeros(n_layers, len(PROJECTION_SITES), d_model, dtype=torch.long)
+        self.max_abs = torch.zeros(n_layers, len(PROJECTION_SITES), d_model, dtype=torch.float64)
+        self.tokens = 0
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        self.tokens += batch.input_ids.numel()
+        for layer in range(self.n_layers):
+            for site, read in enumerate(self.inputs):
+                absx = read(acts, layer).abs().flatten(0, 1)
+                self.counts[layer, site] += (absx >= self.threshold).sum(0)
+                self.max_abs[layer, site] = torch.maximum(self.max_abs[layer, site], absx.max(0).values.double())
+
+    def result(self) -> dict:
+        return {"sites": list(PROJECTION_SITES), "threshold": self.threshold, "tokens": self.tokens,
+                "counts": self.counts, "max_abs": self.max_abs}
+
+
+# ---------------------------------------------------------------- kurtosis
+
+KURTOSIS_SITES = ("resid_post", *PROJECTION_SITES)
+
+
+def token_excess_kurtosis(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos"]:
+    """relu(m4 / m2^2 - 3) of each token's vector over its dims, with central moments
+    (scipy.stats.kurtosis with fisher=True, bias=True, floored at 0)."""
+    centred = x.double() - x.double().mean(-1, keepdim=True)
+    m2 = centred.square().mean(-1)
+    m4 = centred.pow(4).mean(-1)
+    return (m4 / m2.square().clamp_min(torch.finfo(torch.float64).tiny) - 3).clamp_min(0)
+
+
+@dataclass(frozen=True)
+class TokenKurtosis:
+    """Per layer and site (block output, attention input, MLP input): the summed per-token
+    excess kurtosis and token count, position 0 apart from the rest."""
+
+    name: str = "kurtosis"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        kinds = projection_inputs(loaded)[0]
+        return [Point(k, l) for k in (*kinds, "resid_post") for l in range(loaded.n_layers)]
+
+    def start(self, loaded: LoadedModel) -> "_KurtosisState":
+        _, attn_in, mlp_in = projection_inputs(loaded)
+        return _KurtosisState((lambda acts, layer: acts[Point("resid_post", layer)], attn_in, mlp_in), loaded.n_layers)
+
+
+class _KurtosisState:
+    def __init__(self, sites: tuple[Callable, ...], n_layers: int):
+        self.sites, self.n_layers = sites, n_layers
+        self.sums = torch.zeros(len(KURTOSIS_SITES), n_layers, 2, dtype=torch.float64)
+        self.counts = torch.zeros(len(KURTOSIS_SITES), n_layers, 2, dtype=torch.long)
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        for layer in range(self.n_layers):
+            for site, read in enumerate(self.sites):
+                kurt = token_excess_kurtosis(read(acts, layer))
+                self.sums[site, layer] += torch.stack([kurt[:, 0].sum(), kurt[:, 1:].sum()])
+                self.counts[site, layer] += torch.tensor([kurt[:, 0].numel(), kurt[:, 1:].numel()])
+
+    def result(self) -> dict:
+        return {"sites": list(KURTOSIS_SITES), "sums": self.sums, "counts": self.counts}
+
+
+# ---------------------------------------------------------------- attention sinks
+
+def attention_entropy(pattern: Float[torch.Tensor, "batch head pos pos"]) -> Float[torch.Tensor, "batch head pos"]:
+    """-sum_k A[t,k] log A[t,k] of each query's attention distribution, in nats."""
+    return -torch.special.xlogy(pattern.double(), pattern.double()).sum(-1)
+
+
+@dataclass(frozen=True)
+class AttentionSinks:
+    """Per layer and head: the attention mass summed over queries on each key position, the
+    number of windows whose alpha_0 exceeds `eps` (Gu et al. 2025), the summed attention
+    entropy of queries t >= 1, and per KV head the summed value norms at position 0 and at
+    the other positions (StreamingLLM; Gu et al.).
+
+    Attention patterns need eager attention; the backends switch to it when asked for one.
+    """
+
+    eps: float = 0.3
+    name: str = "attention_sinks"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        return [Point(k, l) for k in ("attn_pattern", "resid_pre") for l in range(loaded.n_layers)]
+
+    def start(self, loaded: LoadedModel) -> "_SinkState":
+        attn_in = projection_inputs(loaded)[1]
+        values = value_vectors(loaded)
+        return _SinkState(self.eps, lambda acts, layer: values(attn_in(acts, layer), layer),
+                          loaded.n_layers, loaded.n_heads, loaded.n_kv_heads, loaded.adapter.causal)
+
+
+class _SinkState:
+    def __init__(self, eps: float, values: Callable, n_layers: int, n_heads: int, n_kv: int, causal: bool):
+        self.eps, self.values, self.causal = eps, values, causal
+        self.n_layers, self.n_heads = n_layers, n_heads
+        self.key_mass = torch.zeros(n_layers, n_heads, 0, dtype=torch.float64)
+        self.sink_windows = torch.zeros(n_layers, n_heads, dtype=torch.long)
+        self.entropy = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.value_norms = torch.zeros(n_layers, n_kv, 2, dtype=torch.float64)  # position 0, others summed
+        self.windows = 0
+        self.length = 0
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        b, t = batch.input_ids.shape
+        if t > self.key_mass.shape[-1]:
+            self.key_mass = F.pad(self.key_mass, (0, t - self.key_mass.shape[-1]))
+        if self.length and t != self.length:
+            raise UserError(f"attention sinks need windows of one length; got {self.length} and {t}")
+        self.length = t
+        self.windows += b
+        seeing = self._queries_seeing(t)
+        for layer in range(self.n_layers):
+            pattern = acts[Point("attn_pattern", layer)]
+            if pattern is None:
+                raise UserError("the model returned no attention pattern; load it with attn_implementation='eager'")
+            mass = pattern.double().sum(2)  # [batch head key]
+            self.key_mass[layer, :, :t] += mass.sum(0)
+            self.sink_windows[layer] += (mass[..., 0] / seeing[0] > self.eps).sum(0)
+            self.entropy[layer] += attention_entropy(pattern)[:, :, 1:].sum((0, 2))
+            norms = self.values(acts, layer).double().norm(dim=-1)  # [batch pos kv_head]
+            self.value_norms[layer, :, 0] += norms[:, 0].sum(0)
+            self.value_norms[layer, :, 1] += norms[:, 1:].sum((0, 1))
+
+    def _queries_seeing(self, t: int) -> torch.Tensor:
+        """How many queries can attend to each key: t - k under a causal mask, else t."""
+        return (t - torch.arange(t)).double() if self.causal else torch.full((t,), float(t), dtype=torch.float64)
+
+    def result(self) -> dict:
+        t = self.length
+        alpha = self.key_mass / (self.windows * self._queries_seeing(t)).clamp_min(1)
+        return {"eps": self.eps, "windows": self.windows, "length": t, "alpha": alpha,
+                "sink_fraction": self.sink_windows / max(self.windows, 1),
+                "entropy": self.entropy / max(self.windows * (t - 1), 1),
+                "value_norm_first": self.value_norms[..., 0] / max(self.windows, 1),
+                "value_norm_rest": self.value_norms[..., 1] / max(self.windows * (t - 1), 1)}
+
+
+# ---------------------------------------------------------------- residual sinks
+
+@dataclass(frozen=True)
+class ResidualSinks:
+    """Per layer of `kind`: how often each dim is a token's argmax |h|, and the sum over
+    tokens of max_d |h_td| / ||h_t|| ("A Unified View of Attention and Residual Sinks")."""
+
+    kind: str = "resid_post"
+    name: str = "residual_sinks"
+
+    def points(self, loaded: LoadedModel) -> list[Point]:
+        return [Point(self.kind, l) for l in range(loaded.n_layers)]
+
+    def start(self, loaded: LoadedModel) -> "_ResidualSinkState":
+        return _ResidualSinkState(loaded.n_layers, loaded.d_model)
+
+
+class _ResidualSinkState:
+    def __init__(self, n_layers: int, d_model: int):
+        self.argmax_counts = torch.zeros(n_layers, d_model, dtype=torch.long)
+        self.share_sum = torch.zeros(n_layers, dtype=torch.float64)
+        self.tokens = 0
+
+    def update(self, acts: Activations, batch: Batch) -> None:
+        self.tokens += batch.input_ids.numel()
+        for point, h in acts.items():
+            top, dim = h.abs().max(-1)
+            self.argmax_counts[point.layer] += torch.bincount(dim.flatten(), minlength=h.shape[-1])
+            self.share_sum[point.layer] += (top.double() / h.double().norm(dim=-1).clamp_min(1e-30)).sum()
+
+    def result(self) -> dict:
+        return {"tokens": self.tokens, "argmax_counts": self.argmax_counts,
+                "mean_share": self.share_sum / max(self.tokens, 1)}

@@ -1,0 +1,146 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerscope.analysis.massive import (
+    METRIC,
+    MassiveOptions,
+    massive_activations,
+    massive_dims,
+    massive_persistence,
+    probe,
+    run,
+)
+from layerscope.app.cli import main
+from layerscope.probes.backends import Point
+from layerscope.probes.capture import Batch, Capture, capture
+from layerscope.probes.corpus import CorpusSpec, token_windows
+from layerscope.probes.errors import UserError
+from layerscope.probes.interventions import set_activations
+from layerscope.probes.outlier_reducers import MassiveActivations
+
+
+def _windows(loaded, seq_len=32, max_tokens=128, batch_size=2):
+    spec = CorpusSpec("stdlib", seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+    return token_windows(spec, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+
+
+def _hand_capture(loaded, batches, reducer):
+    state = reducer.start(loaded)
+    offset = 0
+    for ids, acts in batches:
+        state.update(acts, Batch(ids, None, offset))
+        offset += ids.shape[0]
+    return Capture({reducer.name: state.result()}, "hand", loaded.n_layers, offset * batches[0][0].shape[1],
+                   "hand", 0.0, 0)
+
+
+def test_planted_massive_values_are_found_at_their_position_and_dim(tiny_models):
+    loaded = tiny_models["llama"]
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, 256, (3, 16), generator=generator)
+        acts = {Point("resid_post", l): torch.randn(3, 16, 64, generator=generator) for l in range(4)}
+        acts[Point("resid_post", 2)][:, 0, 5] = -3000.0  # every window's first token
+        batches.append((ids, acts))
+    batches[1][1][Point("resid_post", 2)][1, 7, 11] = 5000.0  # window 4 of the corpus
+    everything = {l: torch.cat([acts[Point("resid_post", l)] for _, acts in batches]) for l in range(4)}
+    captured = _hand_capture(loaded, batches, MassiveActivations(k=3))
+
+    top = massive_activations(captured).query("layer == 2").set_index("rank")
+    assert (top.loc[1, "value"], top.loc[1, "window"], top.loc[1, "position"], top.loc[1, "dim"]) == (5000.0, 4, 7, 11)
+    assert top.loc[1, "token_id"] == batches[1][0][1, 7].item()
+    # The first token's -3000 appears in all six windows but is one (position, dim) pair.
+    assert (top.loc[2, "value"], top.loc[2, "position"], top.loc[2, "dim"]) == (-3000.0, 0, 5)
+    rest = everything[2].clone()
+    rest[:, 0, 5] = 0
+    rest[4, 7, 11] = 0
+    assert top.loc[3, "abs_value"] == pytest.approx(rest.abs().max().item())
+    assert list(top["massive"]) == [True, True, False]
+    exact_median = everything[2].abs().median().item()
+    assert top.loc[1, "median_abs"] == pytest.approx(exact_median, rel=0.012)
+    assert not massive_activations(captured).query("layer != 2")["massive"].any()
+
+    dims = massive_dims(captured)
+    hit = dims.query("massive").set_index("dim")
+    assert sorted(hit.index) == [5, 11] and set(hit["layer"]) == {2}
+    assert (hit.loc[5, "over_first"], hit.loc[5, "over_rest"]) == (6, 0)
+    assert (hit.loc[11, "over_first"], hit.loc[11, "over_rest"], hit.loc[11, "window"]) == (0, 1, 4)
+    persistence = massive_persistence(dims)
+    assert persistence[["dim", "first_layer", "last_layer", "layers"]].values.tolist() == [[5, 2, 2, "2"], [11, 2, 2, "2"]]
+
+
+def test_planted_activation_in_a_model_and_zero_versus_mean(tiny_models):
+    loaded = tiny_models["llama"]
+    windows = _windows(loaded)
+    options = MassiveOptions(intervene="both")
+    with set_activations(loaded, Point("resid_post", 1), positions=[3], dims=[7], values=10_000.0):
+        tables = run(loaded, windows, options)
+        top = tables["massive_top"].query("layer == 1 and rank == 1").iloc[0]
+        assert (top["position"], top["dim"], top["value"], top["massive"]) == (3, 7, 10_000.0, True)
+        persistence = tables["massive_persistence"].set_index("dim")
+        assert persistence.loc[7, "first_layer"] == 1
+        # Independently: the loss with the planted value itself set to 0.
+        with set_activations(loaded, Point("resid_post", 1), positions=[3], dims=[7], values=0.0), torch.no_grad():
+            logits = loaded.model(windows.input_ids).logits
+    expected_zero = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows.input_ids[:, 1:].flatten()).item()
+    effect = tables["massive_intervention"].set_index("intervention")
+    assert effect.loc["none", "layer"] == 1 and effect.loc["none", "dims"] == "7"
+    assert effect.loc["none", "entries"] == windows.input_ids.shape[0]
+    assert effect.loc["zero", "loss"] == pytest.approx(expected_zero, rel=1e-5)
+    # Every planted entry is 10000, so their mean is 10000 and nothing changes.
+    assert effect.loc["mean", "values"] == "10000"
+    assert effect.loc["mean", "delta_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert METRIC.summarize(tables)[0].startswith("massive: dims 7 of the block output become massive at block 1")
+
+
+def test_state_size_does_not_grow_with_the_corpus(tiny_models):
+    loaded = tiny_models["gpt2"]
+    spec = probe(MassiveOptions())
+    short = capture(loaded, _windows(loaded, max_tokens=128), spec, progress=False)
+    long = capture(loaded, _windows(loaded, max_tokens=512), spec, progress=False)
+    assert long.n_tokens == 4 * short.n_tokens
+    assert long.peak_state_bytes == short.peak_state_bytes > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_k": 0}, "top_k must be at least 1"),
+    ({"min_ratio": 0}, "min_ratio must be positive"),
+    ({"intervene": "half"}, "intervene must be one of"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        MassiveOptions(**kwargs)
+
+
+def test_bad_input_on_the_cli_is_one_line(capsys):
+    assert main(["analyze", "massive", "--model", "tiny-llama", "--top-k", "0", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert err == "layerscope: error: top_k must be at least 1, got 0\n"
+
+
+def test_intervening_on_an_encoder_is_a_user_error(tiny_models):
+    loaded = tiny_models["bert"]
+    with pytest.raises(UserError, match="encoder"):
+        run(loaded, _windows(loaded), MassiveOptions(intervene="zero"))
+
+
+def test_no_massive_activation_means_nothing_to_intervene_on(tiny_models):
+    loaded = tiny_models["llama"]
+    with pytest.raises(UserError, match="nothing to intervene on"):
+        run(loaded, _windows(loaded), MassiveOptions(intervene="zero"))
+
+
+@pytest.mark.real
+def test_smollm2_massive_activation_appears_at_block_11_and_zeroing_it_breaks_the_model(smollm2):
+    windows = _windows(smollm2, seq_len=32, max_tokens=64, batch_size=2)
+    tables = run(smollm2, windows, MassiveOptions(intervene="both"))
+    dims = tables["massive_dims"].query("massive")
+    assert dims["layer"].min() == 11
+    first = dims.query("layer == 11").set_index("dim")
+    assert 507 in first.index and first.loc[507, "position"] == 0 and first.loc[507, "max_abs"] > 15_000
+    assert tables["massive_top"].query("layer == 10")["massive"].sum() == 0
+    effect = tables["massive_intervention"].set_index("intervention")
+    assert effect.loc["zero", "delta_loss"] > 3.0
+    assert abs(effect.loc["mean", "delta_loss"]) < 0.05 * effect.loc["zero", "delta_loss"]
