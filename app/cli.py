@@ -277,9 +277,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_app(args) -> int:
-    """Run `streamlit run` on the app file, passing the store and allowed folders in the environment."""
-    import subprocess
-
+    """Become `streamlit run` on the app file, passing the store and allowed folders in the
+    environment; exec rather than a child process, so that stopping this process stops the server."""
     from layerscope.app.workbench import AppSettings, default_allowed_dirs
 
     allowed = tuple(Path(folder).resolve() for folder in args.allow_dir) or default_allowed_dirs()
@@ -293,7 +292,8 @@ def cmd_app(args) -> int:
                "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     print(f"layerscope app on http://{args.address}:{args.port} (runs in {settings.runs_dir}); Ctrl-C stops it",
           file=sys.stderr)
-    return subprocess.call(command, env={**os.environ, **settings.to_env()})
+    sys.stderr.flush()
+    os.execve(sys.executable, command, {**os.environ, **settings.to_env()})
 
 
 def cmd_ln_removal(args) -> int:

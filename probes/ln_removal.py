@@ -437,7 +437,7 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
 
 
 def _stop(step: int, what: str, checkpoint: Path | None, last_saved: int | None) -> None:
-    kept = (f"the last good checkpoint, after step {last_saved}, is kept in {checkpoint}"
+    kept = (f"the last good checkpoint, with {last_saved} steps done, is kept in {checkpoint}"
             if last_saved is not None else "no checkpoint had been written yet")
     raise LossNotFinite(f"{what} at step {step}: stopped; {kept}; lower --lr or raise --grad-clip and --resume")
 
@@ -481,6 +481,7 @@ def save_norm_free(loaded: LoadedModel, target: Path, provenance: dict) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
     try:
         for path, module in frozen.items():
             swap_module(model, path, _real_like(module))

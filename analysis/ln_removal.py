@@ -1,0 +1,75 @@
+"""The tables, figure and summary of an LN-removal run (Heimersheim 2024, "You can remove
+GPT2's LayerNorm by fine-tuning"; Baroni et al. 2025, "Transformers Don't Need LayerNorm
+at Inference Time").
+
+The run compares four models on the same held-out windows: the original; the original
+with every norm frozen at its mean scale and no training ("removed, no fine-tune"); a
+vanilla fine-tune of the same length as the removal, every norm kept (the control); and
+the norm-free model.  The papers report the norm-free model against the vanilla one.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from layerscope.probes.ln_removal import FineTuneResult
+
+
+def ln_removal_tables(removal: FineTuneResult, control: FineTuneResult | None,
+                      no_finetune_ce: float | None) -> dict[str, pd.DataFrame]:
+    """- `ln_removal_eval`: one row per model: evaluation cross-entropy, and its change
+      against the original and against the vanilla fine-tune.
+    - `ln_removal_loss`: one row per (run, step): training loss, auxiliary loss, learning
+      rate, gradient norm and the number of norms removed so far.
+    - `ln_removal_schedule`: one row per removed norm: the step it was frozen, its role,
+      module path, and the frozen scales (position 0, other positions).
+    """
+    rows = [("original", removal.eval_before, 0)]
+    if no_finetune_ce is not None:
+        rows.append(("removed, no fine-tune", no_finetune_ce, 0))
+    if control is not None:
+        rows.append(("vanilla fine-tune", control.eval_after, len(control.history["step"])))
+    rows.append(("norm-free", removal.eval_after, len(removal.history["step"])))
+    evals = pd.DataFrame(rows, columns=["model", "eval_ce", "steps"])
+    evals["delta_vs_original"] = evals["eval_ce"] - removal.eval_before
+    evals["delta_vs_vanilla"] = evals["eval_ce"] - control.eval_after if control is not None else float("nan")
+    curves = [pd.DataFrame(removal.history).assign(run="ln-removal")]
+    if control is not None:
+        curves.append(pd.DataFrame(control.history).assign(run="vanilla"))
+    loss = pd.concat(curves, ignore_index=True)[["run", "step", "loss", "aux", "lr", "grad_norm", "removed"]]
+    scales = {s["role"]: s for s in removal.scales}
+    schedule = pd.DataFrame([{
+        "step": e.step, "role": e.role, "path": e.path,
+        "scale": scales.get(e.role, {}).get("scale"), "first_scale": scales.get(e.role, {}).get("first_scale"),
+    } for e in removal.events], columns=["step", "role", "path", "scale", "first_scale"])
+    return {"ln_removal_eval": evals, "ln_removal_loss": loss, "ln_removal_schedule": schedule}
+
+
+def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None) -> go.Figure:
+    """Training loss per step of the removal run and the vanilla control, with the number
+    of norms removed on a second axis."""
+    fig = go.Figure()
+    for run, rows in loss.groupby("run", sort=False):
+        fig.add_scatter(x=rows["step"], y=rows["loss"], name=f"{run} loss", mode="lines")
+    removal = loss[loss["run"] == "ln-removal"]
+    fig.add_scatter(x=removal["step"], y=removal["removed"], name="norms removed", mode="lines",
+                    line={"dash": "dot", "color": "gray"}, yaxis="y2")
+    if schedule is not None and not schedule.empty:
+        fig.add_scatter(x=schedule["step"], y=list(range(1, len(schedule) + 1)), mode="markers", yaxis="y2",
+                        name="norm frozen", marker={"size": 5, "color": "gray"}, text=schedule["role"],
+                        hovertemplate="step %{x}: %{text} frozen<extra></extra>")
+    fig.update_layout(title="LN removal: training loss while the norms are frozen one by one",
+                      xaxis_title="step", yaxis_title="cross-entropy",
+                      yaxis2={"title": "norms removed", "overlaying": "y", "side": "right"})
+    return fig
+
+
+def summarize(tables: dict[str, pd.DataFrame]) -> list[str]:
+    evals = tables["ln_removal_eval"].set_index("model")
+    parts = [f"{model} {row['eval_ce']:.4f}" for model, row in evals.iterrows()]
+    line = "ln-removal eval CE: " + ", ".join(parts)
+    if "vanilla fine-tune" in evals.index:
+        line += f"; norm-free - vanilla {evals.loc['norm-free', 'delta_vs_vanilla']:+.4f}"
+    line += f"; norm-free - original {evals.loc['norm-free', 'delta_vs_original']:+.4f}"
+    return [line]

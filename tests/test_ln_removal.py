@@ -1,0 +1,253 @@
+"""LN removal: the fake norm, the schedule, deterministic resume, the norm-free model on
+disk, the payoff of fine-tuning, and the CLI's one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from layerscope.app.cli import main
+from layerscope.probes.errors import UserError
+from layerscope.probes.families import get_module
+from layerscope.probes.interventions import FrozenNorm
+from layerscope.probes.ln_removal import (LossNotFinite, RemovableNorm, RemovalConfig, RemovalData, fine_tune,
+                                          load_checkpoint, remove_without_finetuning, removal_schedule,
+                                          save_norm_free)
+from layerscope.probes.norms import is_real_norm, norm_forward, norm_sites, token_scale
+from layerscope.probes.zoo import FROZEN_NORMS_FILE, TINY_FAMILIES, load_model
+
+FAST = RemovalConfig(steps=12, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=2)
+SMALL_DATA = RemovalData(seq_len=32, batch_size=4, train_tokens=2048, eval_tokens=512)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread, and a shared machine's second core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _removed(family: str, config: RemovalConfig = FAST, **kwargs):
+    loaded = load_model(f"tiny-{family}")
+    train, evaluation = SMALL_DATA.windows(loaded)
+    return loaded, fine_tune(loaded, train, evaluation, config, **kwargs)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fake_norm_with_each_tokens_true_scale_reproduces_the_real_norm(family):
+    loaded = load_model(f"tiny-{family}")
+    sites = norm_sites(loaded)
+    assert {s.group for s in sites} >= {"mlp", "attn"}
+    generator = torch.Generator().manual_seed(3)
+    # Tokens of very different norms, so one shared scale could not fit them all.
+    x = torch.randn(1, 6, loaded.d_model, generator=generator) * torch.tensor([40.0, 1, 2, 5, 0.3, 9])[:, None] + 0.5
+    for site in sites:
+        real = get_module(loaded.model, site.path)
+        expected = real(x)
+        true = token_scale(x, site.kind, site.eps)[0]
+        fake = RemovableNorm(real, site, momentum=None)
+        assert torch.equal(fake(x), expected), "a live fake norm is the real norm, bit for bit"
+        fake.frozen.fill_(True)
+        fake.first_scale.fill_(true[0].item())
+        for pos in range(1, x.shape[1]):
+            fake.scale.fill_(true[pos].item())
+            got = fake(x)
+            torch.testing.assert_close(got[:, pos], expected[:, pos], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got[:, 0], expected[:, 0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(norm_forward(real, x.double(), site.weight_offset), expected.double(),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_running_average_and_freeze_use_position_zero_apart():
+    loaded = load_model("tiny-llama")
+    site = norm_sites(loaded)[0]
+    fake = RemovableNorm(get_module(loaded.model, site.path), site, momentum=None)
+    fake.tracking = True
+    batches = [torch.randn(2, 5, loaded.d_model) * torch.tensor([30.0, 1, 1, 1, 1])[:, None] for _ in range(3)]
+    for x in batches:
+        fake(x)
+    scales = [token_scale(x, site.kind, site.eps) for x in batches]
+    fake.freeze(shared_first_scale=False)
+    assert fake.first_scale.item() == pytest.approx(sum(s[:, 0].mean().item() for s in scales) / 3, rel=1e-5)
+    assert fake.scale.item() == pytest.approx(sum(s[:, 1:].mean().item() for s in scales) / 3, rel=1e-5)
+    assert fake.first_scale.item() > 10 * fake.scale.item()
+    fake.freeze(shared_first_scale=True)
+    assert fake.first_scale.item() == fake.scale.item()
+
+
+def test_schedule_removes_pre_mlp_then_pre_attention_then_final_norms():
+    loaded = load_model("tiny-llama")
+    config = RemovalConfig(steps=40, start=3, gap_mlp=2, gap_attn=3, gap_final=5)
+    events = removal_schedule(norm_sites(loaded), config)
+    assert [e.role for e in events] == [*(f"ln2[{l}]" for l in range(4)), *(f"ln1[{l}]" for l in range(4)), "final_norm"]
+    assert [e.step for e in events] == [3, 5, 7, 9, 12, 15, 18, 21, 26]
+    with pytest.raises(UserError, match="removes its last norm .* at step 26, but the budget is 26 steps"):
+        removal_schedule(norm_sites(loaded), RemovalConfig(steps=26, start=3, gap_mlp=2, gap_attn=3, gap_final=5))
+
+
+def test_bert_post_ln_norms_include_embedding_and_head_norms():
+    loaded = load_model("tiny-bert")
+    roles = [s.role for s in norm_sites(loaded)]
+    assert roles[:4] == [f"ln2[{l}]" for l in range(4)] and roles[4:8] == [f"ln1[{l}]" for l in range(4)]
+    assert set(roles[8:]) == {"other:bert.embeddings.LayerNorm", "other:cls.predictions.transform.LayerNorm"}
+
+
+def _scales_with_its_input(module, x) -> bool:
+    """Tripling the input triples the output (less any bias): no division by the input's own scale."""
+    bias = module.bias if getattr(module, "bias", None) is not None else torch.zeros(())
+    with torch.no_grad():
+        return torch.allclose(module(3 * x) - bias, 3 * (module(x) - bias), rtol=1e-5, atol=1e-5)
+
+
+def _assert_norm_free(loaded):
+    assert not any(is_real_norm(m) for m in loaded.model.modules()), "a norm still divides by a data-dependent scale"
+    frozen = [m for m in loaded.model.modules() if isinstance(m, FrozenNorm)]
+    assert frozen and all(not getattr(m, "live", False) for m in frozen)
+    x = torch.randn(2, 7, loaded.d_model)
+    for module in frozen:
+        assert _scales_with_its_input(module, x)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_after_the_schedule_no_norm_divides_by_a_data_dependent_scale(family, tmp_path):
+    original = load_model(f"tiny-{family}")
+    x = torch.randn(2, 7, original.d_model)
+    # The check can fail: a real norm's output does not follow its input's scale.
+    assert not any(_scales_with_its_input(get_module(original.model, s.path), x) for s in norm_sites(original))
+    loaded, result = _removed(family)
+    assert len(result.scales) == len(result.events) == len(norm_sites(original))
+    assert result.history["removed"][-1] == len(result.events)
+    _assert_norm_free(loaded)
+    # The saved directory loads through the zoo with the same frozen norms and outputs.
+    saved = save_norm_free(loaded, tmp_path / "norm-free", {"base_model": f"tiny-{family}"})
+    assert (saved / FROZEN_NORMS_FILE).exists()
+    reloaded = load_model(str(saved))
+    _assert_norm_free(reloaded)
+    ids = torch.randint(0, 256, (2, 16))
+    ids[:, 0] = 256
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert str(saved / FROZEN_NORMS_FILE) in map(str, reloaded.weights_files)
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    config = RemovalConfig(steps=14, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=3,
+                           aux_weight=0.1)
+    whole, whole_result = _removed("llama", config, checkpoint=tmp_path / "a.pt", checkpoint_every=4)
+
+    def interrupt(step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _removed("llama", config, checkpoint=tmp_path / "b.pt", checkpoint_every=4, on_step=interrupt)
+    assert load_checkpoint(tmp_path / "b.pt")["step"] == 4
+    with pytest.raises(UserError, match="already holds a checkpoint"):
+        _removed("llama", config, checkpoint=tmp_path / "b.pt")
+    resumed, resumed_result = _removed("llama", config, checkpoint=tmp_path / "b.pt", checkpoint_every=4,
+                                       resume=True)
+    assert resumed_result.resumed_from == 4
+    # Steps 4 and 5 ran twice (before the interruption and after the resume); the history holds them once.
+    assert resumed_result.history == whole_result.history
+    expected, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert resumed_result.eval_after == whole_result.eval_after
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    _removed("llama", checkpoint=tmp_path / "c.pt", checkpoint_every=4)
+    with pytest.raises(UserError, match=r"settings differ from the checkpoint's \(lr\)"):
+        _removed("llama", RemovalConfig(**{**FAST.__dict__, "lr": 5e-4}), checkpoint=tmp_path / "c.pt", resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    def corrupt(step):
+        if step == 4:
+            with torch.no_grad():
+                next(loaded.model.parameters()).fill_(float("nan"))
+
+    loaded = load_model("tiny-llama")
+    train, evaluation = SMALL_DATA.windows(loaded)
+    with pytest.raises(LossNotFinite, match=r"loss is nan at step 5: stopped; the last good checkpoint, "
+                                            r"with 5 steps done, is kept in"):
+        fine_tune(loaded, train, evaluation, FAST, checkpoint=tmp_path / "n.pt", checkpoint_every=5,
+                  on_step=corrupt)
+    state = load_checkpoint(tmp_path / "n.pt")
+    assert state["step"] == 5
+    assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
+
+
+def test_fine_tuning_beats_removal_without_fine_tuning():
+    loaded = load_model("tiny-llama")
+    data = RemovalData(seq_len=64, batch_size=8, train_tokens=32768, eval_tokens=4096)
+    train, evaluation = data.windows(loaded)
+    # First make it a language model of the default corpus, so its norms carry something.
+    trained = fine_tune(loaded, train, evaluation, RemovalConfig(steps=150, lr=3e-3, lr_warmup=10), remove=False)
+    assert trained.eval_after < trained.eval_before - 2
+    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=2)
+    without, _ = remove_without_finetuning(loaded, train, evaluation, config)
+    assert not any(isinstance(m, FrozenNorm) for m in loaded.model.modules()), "the control leaves the model as it was"
+    removed = fine_tune(loaded, train, evaluation, config)
+    assert removed.eval_before == pytest.approx(trained.eval_after, abs=1e-6)
+    assert without > trained.eval_after + 0.05, "freezing every norm at once costs loss"
+    assert removed.eval_after < without
+
+
+# ---------------------------------------------------------------- CLI
+
+def _cli(capsys, *argv):
+    code = main(["ln-removal", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TINY_ARGS = ["--seq-len", "32", "--batch-size", "4", "--train-tokens", "1024", "--eval-tokens", "256",
+             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-final", "1"]
+
+
+def test_cli_run_saves_a_loadable_model_and_a_run(capsys, tmp_path):
+    code, out, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path),
+                          "--checkpoint-every", "4", "--format", "json")
+    assert code == 0, err
+    payload = json.loads(out)
+    models = [row["model"] for row in payload["eval"]]
+    assert models == ["original", "removed, no fine-tune", "vanilla fine-tune", "norm-free"]
+    _assert_norm_free(load_model(payload["norm_free_model"]))
+    from layerscope.analysis.store import load_run
+
+    manifest, tables = load_run(payload["run"].split("/")[-1], tmp_path)
+    assert manifest["metric"] == "ln-removal" and manifest["status"] == "complete"
+    assert set(tables) == {"ln_removal_eval", "ln_removal_loss", "ln_removal_schedule"}
+    loss = tables["ln_removal_loss"]
+    assert (loss.groupby("run").size() == 10).all()
+    assert tables["ln_removal_schedule"]["role"].tolist()[-1] == "final_norm"
+    # Without --resume an existing checkpoint is not overwritten.
+    code, _, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path))
+    assert code == 2 and "already holds checkpoints" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "5"], "removes its last norm (final_norm) at step 9, but the budget is 5 steps"),
+    (["--steps", "12", "--resume"], "--resume: no checkpoint in"),
+    (["--steps", "12", "--lr", "1e38", "--grad-clip", "0", "--checkpoint-every", "1"], "at step 1: stopped; the last good checkpoint, with 1 steps done"),
+])
+def test_cli_bad_input_is_one_line(capsys, tmp_path, extra, message):
+    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--runs-dir", str(tmp_path), *extra)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_cli_refuses_a_model_without_norms_and_a_resume_for_another_model(capsys, tmp_path):
+    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path),
+                        "--no-control", "--no-save")
+    assert code == 0, err
+    norm_free = tmp_path / "ln-removal" / "tiny-llama-norm-free"
+    code, _, err = _cli(capsys, "--model", str(norm_free), *TINY_ARGS, "--runs-dir", str(tmp_path))
+    assert code == 2 and "has no norm that divides by a data-dependent scale" in err and err.count("\n") == 1
+    code, _, err = _cli(capsys, "--model", "tiny-qwen2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path),
+                        "--checkpoint-dir", str(tmp_path / "ln-removal" / "tiny-llama"), "--resume")
+    assert code == 2 and "is a run for model 'tiny-llama', not 'tiny-qwen2'" in err and err.count("\n") == 1
