@@ -21,7 +21,8 @@ with ui.user_errors():
     columns[1].metric("layers", card["layers"])
     columns[2].metric("d_model", card["d_model"])
     columns[3].metric("heads (KV)", f"{card['heads']} ({card['kv_heads']})")
-    columns[4].metric("parameters", f"{card['parameters']:,}")
+    parameters = card["parameters"]
+    columns[4].metric("parameters", f"{parameters / 1e6:.1f} M" if parameters >= 1e6 else f"{parameters:,}")
     st.markdown(f"**Norm:** {card['norm_kind']}, {card['norm_placement']}-LN · "
                 f"**{'causal language model' if card['causal'] else 'encoder'}** · "
                 f"weights hash `{loaded.weights_hash[:24]}…`")

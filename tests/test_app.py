@@ -11,6 +11,7 @@ from streamlit.util import calc_hash
 import layerscope.app
 from layerscope.analysis.registry import METRICS
 from layerscope.analysis.store import list_runs, load_run
+from layerscope.app.cli import main
 from layerscope.app.ui import OTHER_MODEL
 from layerscope.app.workbench import MAX_TEXT_CHARS
 
@@ -184,3 +185,8 @@ def test_a_corrupted_run_folder_is_a_readable_error(store):
     assert not at.exception
     assert list(at.dataframe[0].value["status"]) == ["corrupt"]
     assert "is corrupt" in at.error[0].value
+
+
+def test_app_command_refuses_a_missing_allowed_folder(capsys):
+    assert main(["app", "--allow-dir", "/no/such/folder"]) == 2
+    assert "--allow-dir folder(s) not found: /no/such/folder" in capsys.readouterr().err

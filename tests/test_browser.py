@@ -5,6 +5,7 @@ Playwright cannot download its own browser here, so it drives /usr/bin/chromium
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def app_url(tmp_path):
     log = (tmp_path / "app.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "layerscope.app.cli", "app", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -71,7 +72,7 @@ def app_url(tmp_path):
                 time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the server and anything it started, nothing else
         server.wait(timeout=30)
         log.close()
 
