@@ -22,4 +22,5 @@ navigation = st.navigation({
              st.Page("page_compare.py", title="Compare", url_path="compare")],
 })
 ui.sidebar_inputs()
+ui.keep_option_values()
 navigation.run()

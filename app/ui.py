@@ -141,27 +141,55 @@ def _without_none(hint):
     return args[0] if len(args) == 1 else hint
 
 
+def _option_key(metric: Metric, field_name: str) -> str:
+    return f"{metric.name}.{field_name}"
+
+
+def keep_option_values() -> None:
+    """Streamlit forgets a widget's value while its page is not shown; re-storing the
+    options each run keeps them, so returning to a page finds the same settings' run."""
+    state = st.session_state
+    for metric in METRICS.values():
+        for name in metric.option_names:
+            key = _option_key(metric, name)
+            if key in state:
+                state[key] = state[key]
+
+
+def _number(value, kind: type, label: str, optional: bool):
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"option '{label}' needs a number")
+    return kind(value)
+
+
 def option_controls(metric: Metric):
-    """One widget per field of the measurement's options dataclass; returns the options."""
+    """One widget per field of the measurement's options dataclass; returns the options.
+
+    Defaults go into the session state rather than the widgets, so that a kept value and
+    a default never disagree.
+    """
     hints = typing.get_type_hints(metric.options, vars(sys.modules[metric.options.__module__]))
     values = {}
     for f in fields(metric.options):
-        default = None if f.default is MISSING else f.default
-        label, help_text, key = f.name.replace("_", " "), f.metadata.get("help"), f"{metric.name}.{f.name}"
+        key = _option_key(metric, f.name)
+        st.session_state.setdefault(key, None if f.default is MISSING else f.default)
+        label, help_text = f.name.replace("_", " "), f.metadata.get("help")
         kind, choices = _without_none(hints[f.name]), f.metadata.get("choices")
+        optional = type(None) in typing.get_args(hints[f.name])
         if choices:
-            values[f.name] = st.selectbox(label, choices, index=list(choices).index(default) if default in choices
-                                          else 0, help=help_text, key=key)
+            values[f.name] = st.selectbox(label, choices, help=help_text, key=key)
         elif kind is bool:
-            values[f.name] = st.checkbox(label, value=bool(default), help=help_text, key=key)
+            values[f.name] = st.checkbox(label, help=help_text, key=key)
         elif kind is int:
-            number = st.number_input(label, value=default, step=1, help=help_text, key=key)
-            values[f.name] = None if number is None else int(number)
+            values[f.name] = _number(st.number_input(label, value=None, step=1, help=help_text, key=key),
+                                     int, label, optional)
         elif kind is float:
-            number = st.number_input(label, value=default, help=help_text, key=key, format="%g")
-            values[f.name] = None if number is None else float(number)
+            values[f.name] = _number(st.number_input(label, value=None, help=help_text, key=key, format="%g"),
+                                     float, label, optional)
         else:
-            values[f.name] = st.text_input(label, value=default or "", help=help_text, key=key)
+            values[f.name] = st.text_input(label, help=help_text, key=key)
     return metric.options(**values)
 
 

@@ -2,6 +2,7 @@
 the compare view, and bad input shown as a readable error."""
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,6 @@ def _token_texts(tables) -> set[str]:
 # must say so in one readable error.  If one of them starts to run here, this test fails
 # so that it moves back to the strict case.
 REFUSE_TINY_DEFAULTS = {
-    "massive": "no massive activation",
     "prune-curve": "must be below the depth",
 }
 
@@ -190,3 +190,25 @@ def test_a_corrupted_run_folder_is_a_readable_error(store):
 def test_app_command_refuses_a_missing_allowed_folder(capsys):
     assert main(["app", "--allow-dir", "/no/such/folder"]) == 2
     assert "--allow-dir folder(s) not found: /no/such/folder" in capsys.readouterr().err
+
+
+def test_options_survive_a_visit_to_another_page_and_find_their_run(store):
+    flag = next(f.name for f in fields(METRICS["block-influence"].options) if f.default is False)
+    at = open_app("block-influence")
+    at.checkbox(key=f"block-influence.{flag}").check().run()
+    at.button(key="block-influence.run").click().run()
+    assert_clean(at)
+    at.switch_page("page_runs.py").run()
+    at._page_hash = calc_hash("block-influence")
+    at.run()
+    assert at.checkbox(key=f"block-influence.{flag}").value is True
+    assert [b.label for b in at.button] == ["Run again"]
+
+
+def test_an_emptied_number_option_is_a_readable_error():
+    metric = next(m for m in METRICS.values() for f in fields(m.options) if f.type in ("int", int))
+    name = next(f.name for f in fields(metric.options) if f.type in ("int", int))
+    at = open_app(metric.name)
+    at.number_input(key=f"{metric.name}.{name}").set_value(None).run()
+    assert not at.exception
+    assert f"option '{name.replace('_', ' ')}' needs a number" in at.error[0].value
