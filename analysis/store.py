@@ -195,6 +195,14 @@ def find_run(key: str, root: Path = DEFAULT_ROOT) -> str | None:
     return max(matches, key=lambda row: row.get("created") or "")["run_id"]
 
 
+def latest_run(root: Path = DEFAULT_ROOT) -> str:
+    """The newest complete run, for commands given `latest` instead of a run id."""
+    complete = [row for row in list_runs(root) if row["status"] == COMPLETE]
+    if not complete:
+        raise UserError(f"no complete run in {root}")
+    return max(complete, key=lambda row: row.get("created") or "")["run_id"]
+
+
 def load_run(run_id: str, root: Path = DEFAULT_ROOT) -> tuple[dict, dict[str, pd.DataFrame]]:
     """The manifest and tables of a complete run; a readable UserError for anything else."""
     folder = Path(root) / _check_run_id(run_id)

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("-o", "--output", help="export target folder (new or empty)")
 
     report = sub.add_parser("report", help="write a self-contained HTML report of a run (opens offline)")
-    report.add_argument("run_id")
+    report.add_argument("run_id", help="a run id, or 'latest' for the newest complete run")
     report.add_argument("-o", "--output", help="HTML file to write (default RUN_ID.html)")
     report.add_argument("--runs-dir", default="runs", help="run store folder")
 
@@ -269,10 +269,13 @@ def cmd_runs(args) -> int:
 
 def cmd_report(args) -> int:
     from layerscope.analysis.report import write_report
+    from layerscope.analysis.store import latest_run
 
-    output = Path(args.output or f"{args.run_id}.html")
-    n_figures = write_report(args.run_id, output, Path(args.runs_dir))
-    print(f"wrote {output} ({n_figures} figures, {output.stat().st_size / 1e6:.1f} MB, opens offline)")
+    root = Path(args.runs_dir)
+    run_id = latest_run(root) if args.run_id == "latest" else args.run_id
+    output = Path(args.output or f"{run_id}.html")
+    n_figures = write_report(run_id, output, root)
+    print(f"wrote {output}: report of {run_id}, {n_figures} figures, {output.stat().st_size / 1e6:.1f} MB, opens offline")
     return 0
 
 

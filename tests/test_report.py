@@ -60,8 +60,8 @@ def test_survey_report_holds_every_figure_and_loads_nothing(survey_run, tmp_path
     root, run_id, applicable = survey_run
     capsys.readouterr()
     output = tmp_path / "report.html"
-    assert main(["report", run_id, "-o", str(output), "--runs-dir", str(root)]) == 0
-    assert f"wrote {output}" in capsys.readouterr().out
+    assert main(["report", "latest", "-o", str(output), "--runs-dir", str(root)]) == 0
+    assert f"wrote {output}: report of {run_id}" in capsys.readouterr().out
     manifest, tables = load_run(run_id, root)
     surveyed = run_metric_names(manifest)
     assert manifest["metric"] == "survey" and surveyed == applicable and len(surveyed) >= len(METRICS) // 2

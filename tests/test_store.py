@@ -13,6 +13,7 @@ import pytest
 from layerscope.analysis.store import (
     export_run,
     find_run,
+    latest_run,
     list_runs,
     load_run,
     open_run,
@@ -137,6 +138,15 @@ def test_find_run_returns_the_newest_complete_run_of_a_key(tmp_path):
     assert find_run(key, tmp_path) == newer != older
     (tmp_path / newer / "toy.parquet").unlink()
     assert find_run(key, tmp_path) == older
+
+
+def test_latest_is_the_newest_complete_run(tmp_path):
+    with pytest.raises(UserError, match="no complete run"):
+        latest_run(tmp_path)
+    save_run({"toy": _table()}, MANIFEST, tmp_path)
+    newest = save_run({"toy": _table()}, MANIFEST, tmp_path).name
+    (tmp_path / ".crashed.abc").mkdir()
+    assert latest_run(tmp_path) == newest
 
 
 @pytest.mark.parametrize("bad", ["../outside", ".hidden", "a/b", "", ".."])
