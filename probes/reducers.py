@@ -210,19 +210,17 @@ class _LensState:
         self.grid: dict[str, torch.Tensor] = {}
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        from layerscope.probes.replay import next_token_ce, unembed
+        from layerscope.probes.replay import compare_to_reference, next_token_logprobs, unembed
 
         targets = batch.input_ids[:, 1:]
-        final = torch.log_softmax(batch.logits[:, :-1].double(), dim=-1)
+        final = next_token_logprobs(batch.logits)
         top_ids, top_probs = [], []
         for layer in range(self.loaded.n_layers):
             logits = unembed(self.loaded, acts[Point("resid_post", layer)])
-            logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-            self.sums[layer, 0] += next_token_ce(logits, batch.input_ids).sum()
-            self.sums[layer, 1] += (logprobs.argmax(-1) == targets).sum()
-            self.sums[layer, 2] += (final.exp() * (final - logprobs)).sum()
+            compared = compare_to_reference(logits, final, batch.input_ids)
+            self.sums[layer] += torch.tensor([compared["ce"], compared["correct"], compared["kl"]], dtype=torch.float64)
             if batch.offset == 0:
-                prob, token = logprobs[0].exp().max(dim=-1)
+                prob, token = torch.softmax(logits[0], dim=-1).max(dim=-1)
                 top_ids.append(token)
                 top_probs.append(prob)
         if batch.offset == 0:

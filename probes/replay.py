@@ -110,8 +110,26 @@ def _run_one(loaded, clean, layer, hidden):
 def next_token_ce(logits: Float[torch.Tensor, "batch pos vocab"], input_ids: Int[torch.Tensor, "batch pos"]
                   ) -> Float[torch.Tensor, "batch pos_minus_1"]:
     """Per-token cross-entropy of predicting token t+1 from position t."""
-    logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    return -logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
+def next_token_logprobs(logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch pos_minus_1 vocab"]:
+    return torch.log_softmax(logits[:, :-1], dim=-1)
+
+
+def compare_to_reference(logits: Float[torch.Tensor, "batch pos vocab"],
+                         reference_logprobs: Float[torch.Tensor, "batch pos_minus_1 vocab"],
+                         input_ids: Int[torch.Tensor, "batch pos"]) -> dict[str, float]:
+    """Token sums over next-token positions: cross-entropy, KL(reference || these logits),
+    top-1 agreement with the reference and top-1 accuracy on the corpus."""
+    logprobs = next_token_logprobs(logits)
+    top = logprobs.argmax(-1)
+    return {
+        "ce": -logprobs.gather(-1, input_ids[:, 1:, None]).sum().item(),
+        "kl": torch.nn.functional.kl_div(logprobs, reference_logprobs, log_target=True, reduction="sum").item(),
+        "agree": (top == reference_logprobs.argmax(-1)).sum().item(),
+        "correct": (top == input_ids[:, 1:]).sum().item(),
+    }
 
 
 @dataclass
@@ -148,7 +166,7 @@ def skip_sweep(loaded: LoadedModel, batches, layers: list[int], part: SkipPart =
         clean = record_clean_pass(loaded, input_ids)
         if causal:
             ce_full += next_token_ce(clean.logits, input_ids).sum().item()
-            full_logprobs = torch.log_softmax(clean.logits[:, :-1].double(), dim=-1)
+            full_logprobs = next_token_logprobs(clean.logits)
         clean_contribs = [clean.contribution(m)[:, 1:].double() for m in range(n)]
         final_norm = clean.final_resid[:, 1:].double().norm(dim=-1)
         for i, layer in enumerate(layers):
@@ -168,11 +186,10 @@ def skip_sweep(loaded: LoadedModel, batches, layers: list[int], part: SkipPart =
                 change = (contribution[:, 1:].double() - clean_contribs[m]).norm(dim=-1)
                 future[i, m] += (change / clean_contribs[m].norm(dim=-1).clamp_min(1e-12)).sum()
             if causal:
-                logits = unembed(loaded, final)
-                logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-                sums["ce"][i] += next_token_ce(logits, input_ids).sum()
-                sums["kl"][i] += (full_logprobs.exp() * (full_logprobs - logprobs)).sum()
-                sums["top1"][i] += (logprobs.argmax(-1) == full_logprobs.argmax(-1)).sum()
+                compared = compare_to_reference(unembed(loaded, final), full_logprobs, input_ids)
+                sums["ce"][i] += compared["ce"]
+                sums["kl"][i] += compared["kl"]
+                sums["top1"][i] += compared["agree"]
             if progress is not None:
                 progress.update(1)
         tokens += input_ids.shape[0] * (input_ids.shape[1] - 1)

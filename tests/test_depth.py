@@ -100,7 +100,8 @@ def test_skip_deltas_match_a_model_with_the_layer_deleted(tiny_models, family):
         p = torch.log_softmax(full[:, :-1].double(), -1)
         q = torch.log_softmax(logits[:, :-1].double(), -1)
         kl = (p.exp() * (p - q)).sum(-1).mean().item()
-        assert table.loc[layer, "kl"] == pytest.approx(kl, rel=1e-5, abs=1e-9)
+        # The sweep's log-softmax runs in float32, this reference in float64.
+        assert table.loc[layer, "kl"] == pytest.approx(kl, rel=1e-4, abs=1e-9)
 
 
 @pytest.mark.parametrize("family, part", [("llama", "block"), ("gpt2", "attn"), ("gpt-neox", "mlp"),
