@@ -4,7 +4,6 @@ controls generated from a measurement's options dataclass, and drawing a stored 
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 import typing
 from dataclasses import MISSING, fields
@@ -55,7 +54,9 @@ def sidebar_inputs() -> None:
     """Model, corpus and backend, drawn once in the main script so that every page shares them."""
     state = st.session_state
     for key, value in _input_defaults().items():
-        state.setdefault(key, value)
+        # Re-storing keeps the value of an input that is hidden for now (say the text
+        # while the stdlib corpus is chosen): Streamlit drops a widget's value while it is not drawn.
+        state[key] = state.get(key, value)
     with st.sidebar:
         st.selectbox("model", [*known_model_names(), OTHER_MODEL], key="model_choice")
         if state.model_choice == OTHER_MODEL:
@@ -146,8 +147,8 @@ def _option_key(metric: Metric, field_name: str) -> str:
 
 
 def keep_option_values() -> None:
-    """Streamlit forgets a widget's value while its page is not shown; re-storing the
-    options each run keeps them, so returning to a page finds the same settings' run."""
+    """Re-store every measurement's options each run, so that returning to a page finds
+    the same settings and so the same stored run."""
     state = st.session_state
     for metric in METRICS.values():
         for name in metric.option_names:
@@ -170,7 +171,7 @@ def option_controls(metric: Metric):
     Defaults go into the session state rather than the widgets, so that a kept value and
     a default never disagree.
     """
-    hints = typing.get_type_hints(metric.options, vars(sys.modules[metric.options.__module__]))
+    hints = typing.get_type_hints(metric.options)
     values = {}
     for f in fields(metric.options):
         key = _option_key(metric, f.name)

@@ -212,3 +212,12 @@ def test_an_emptied_number_option_is_a_readable_error():
     at.number_input(key=f"{metric.name}.{name}").set_value(None).run()
     assert not at.exception
     assert f"option '{name.replace('_', ' ')}' needs a number" in at.error[0].value
+
+
+def test_typed_text_comes_back_after_choosing_another_corpus():
+    at = open_app()
+    at.sidebar.text_area(key="corpus_text").input("my own text about layers").run()
+    at.sidebar.radio(key="corpus_kind").set_value("stdlib").run()
+    assert not at.sidebar.text_area
+    at.sidebar.radio(key="corpus_kind").set_value("text").run()
+    assert at.sidebar.text_area(key="corpus_text").value == "my own text about layers"
