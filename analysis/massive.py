@@ -244,9 +244,11 @@ def _summarize(tables: Tables) -> list[str]:
 
 
 def _display(tables: Tables) -> Tables:
-    shown = {"massive_top (per layer, over distinct position and dim)": tables["massive_top"].drop(columns=["token_id"]),
+    quoted = {"token": lambda t: t["token"].map(repr)}  # whitespace tokens carry massive values too
+    shown = {"massive_top (per layer, over distinct position and dim)":
+                 tables["massive_top"].drop(columns=["token_id"]).assign(**quoted),
              "massive_dims (massive cells only; --format json for every dim above min_value)":
-                 tables["massive_dims"].query("massive").drop(columns=["token_id", "massive"]),
+                 tables["massive_dims"].query("massive").drop(columns=["token_id", "massive"]).assign(**quoted),
              "massive_persistence": tables["massive_persistence"]}
     if "massive_intervention" in tables:
         shown["massive_intervention"] = tables["massive_intervention"]

@@ -148,5 +148,11 @@ def _summarize(tables: Tables) -> list[str]:
     return lines
 
 
+def _display(tables: Tables) -> Tables:
+    return {name: table.assign(token=table["token"].map(repr)) if "token" in table else table
+            for name, table in tables.items()}
+
+
 METRIC = Metric("super-weights", "super weights (Yu et al.): the down-projection weight behind the massive activation, "
-                "and the loss without it", run, options=SuperWeightOptions, figures=_figures, summarize=_summarize)
+                "and the loss without it", run, options=SuperWeightOptions, figures=_figures, summarize=_summarize,
+                display=_display)

@@ -377,7 +377,7 @@ class _SinkState:
     def __init__(self, eps: float, values: Callable, n_layers: int, n_heads: int, n_kv: int, causal: bool):
         self.eps, self.values, self.causal = eps, values, causal
         self.n_layers, self.n_heads = n_layers, n_heads
-        self.key_mass = torch.zeros(n_layers, n_heads, 0, dtype=torch.float64)
+        self.key_mass = None  # [layer head key], sized by the first batch's window length
         self.sink_windows = torch.zeros(n_layers, n_heads, dtype=torch.long)
         self.entropy = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.value_norms = torch.zeros(n_layers, n_kv, 2, dtype=torch.float64)  # position 0, others summed
@@ -386,19 +386,17 @@ class _SinkState:
 
     def update(self, acts: Activations, batch: Batch) -> None:
         b, t = batch.input_ids.shape
-        if t > self.key_mass.shape[-1]:
-            self.key_mass = F.pad(self.key_mass, (0, t - self.key_mass.shape[-1]))
-        if self.length and t != self.length:
+        if self.key_mass is None:
+            self.key_mass = torch.zeros(self.n_layers, self.n_heads, t, dtype=torch.float64)
+            self.length = t
+        elif t != self.length:
             raise UserError(f"attention sinks need windows of one length; got {self.length} and {t}")
-        self.length = t
         self.windows += b
         seeing = self._queries_seeing(t)
         for layer in range(self.n_layers):
             pattern = acts[Point("attn_pattern", layer)]
-            if pattern is None:
-                raise UserError("the model returned no attention pattern; load it with attn_implementation='eager'")
             mass = pattern.double().sum(2)  # [batch head key]
-            self.key_mass[layer, :, :t] += mass.sum(0)
+            self.key_mass[layer] += mass.sum(0)
             self.sink_windows[layer] += (mass[..., 0] / seeing[0] > self.eps).sum(0)
             self.entropy[layer] += attention_entropy(pattern)[:, :, 1:].sum((0, 2))
             norms = self.values(acts, layer).double().norm(dim=-1)  # [batch pos kv_head]

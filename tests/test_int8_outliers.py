@@ -92,3 +92,4 @@ def test_summary_with_no_outliers(tiny_models):
     tables = METRIC(loaded, windows)
     assert tables["int8_features"].empty
     assert METRIC.summarize(tables)[0].startswith("int8-outliers: 0 outlier feature dims; the largest")
+    assert METRIC.figures(tables)[0].data == ()

@@ -52,3 +52,4 @@ def test_kurtosis_tables_and_summary(tiny_models):
     by_layer = tables["kurtosis"]
     assert overall.loc["mlp_in", "kurtosis"] == pytest.approx(by_layer[by_layer.site == "mlp_in"]["kurtosis"].mean())
     assert METRIC.summarize(tables)[0].startswith("kurtosis: mean excess kurtosis over layers: resid_post ")
+    assert len(METRIC.figures(tables)[0].data) == 6

@@ -93,6 +93,8 @@ def test_planted_activation_in_a_model_and_zero_versus_mean(tiny_models):
     assert effect.loc["mean", "values"] == "10000"
     assert effect.loc["mean", "delta_loss"] == pytest.approx(0.0, abs=1e-6)
     assert METRIC.summarize(tables)[0].startswith("massive: dims 7 of the block output become massive at block 1")
+    top_figure, persistence_figure = METRIC.figures(tables)
+    assert len(top_figure.data) == 4 and list(persistence_figure.data[0].y) == ["7"] * 3
 
 
 def test_state_size_does_not_grow_with_the_corpus(tiny_models):

@@ -183,5 +183,8 @@ def test_bad_eps_on_the_cli_is_one_line(capsys):
 
 def test_summary_names_the_sink_rate_and_the_top_residual_dim(tiny_models):
     loaded = tiny_models["mistral"]
-    lines = METRIC.summarize(run(loaded, _windows(loaded), SinkOptions()))
+    tables = run(loaded, _windows(loaded), SinkOptions())
+    lines = METRIC.summarize(tables)
     assert lines[0].startswith("sinks: sink rate ") and lines[1].startswith("sinks: top residual-sink dim ")
+    heads_figure, residual_figure = METRIC.figures(tables)
+    assert heads_figure.data[0].z.shape == (4, 4) and len(residual_figure.data) == 2

@@ -57,6 +57,8 @@ def test_a_planted_super_weight_is_found_and_ablated(planted_weight):
     assert effect.loc["zero", "loss"] == pytest.approx(expected, rel=1e-5)
     assert down_proj_matrix(loaded, LAYER)[ROW, COL].item() == 50.0  # restored
     assert "down_proj.weight[9, 17] = 50" in METRIC.summarize(tables)[0]
+    (figure,) = METRIC.figures(tables)
+    assert [trace.name for trace in figure.data] == ["down_proj input", "down_proj output"]
 
 
 def test_conv1d_weights_are_read_as_output_by_input(tiny_models):
