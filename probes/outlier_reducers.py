@@ -61,12 +61,14 @@ def projection_inputs(loaded: LoadedModel) -> tuple[tuple[str, ...], Callable, C
     blocks read their norms' outputs, so the block's own norm modules are applied to the
     captured residual; Post-LN blocks read the residual itself; parallel blocks feed the
     MLP from resid_pre.  Recomputing keeps every backend usable and costs one norm call.
+    The calls run without autograd: a graph would tie each batch to the folded sums.
     """
     adapter = loaded.adapter
     blocks = adapter.layer_modules(loaded.model)
     parallel = adapter.resid_mid_from == "derived"
     kinds = ("resid_pre",) if parallel else ("resid_pre", "resid_mid")
 
+    @torch.no_grad()
     def normed(norm_path: str, x: torch.Tensor, layer: int) -> torch.Tensor:
         return x if adapter.placement == "post" else get_module(blocks[layer], norm_path)(x)
 
@@ -90,6 +92,7 @@ def value_vectors(loaded: LoadedModel) -> Callable:
     blocks = adapter.layer_modules(loaded.model)
     d_head, n_heads, n_kv = head_dim(loaded), loaded.n_heads, loaded.n_kv_heads
 
+    @torch.no_grad()
     def values(attn_in: torch.Tensor, layer: int) -> torch.Tensor:
         out = get_module(blocks[layer], adapter.attn_projections[-1])(attn_in)
         b, t = out.shape[:2]

@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from layerscope.probes.backends import get_backend, points
+from layerscope.probes.capture import ProbeSpec, capture
+from layerscope.probes.corpus import CorpusSpec, token_windows
 from layerscope.probes.families import get_module
 from layerscope.probes.outlier_reducers import (
+    AttentionSinks,
+    MassiveActivations,
+    ProjectionOutliers,
+    TokenKurtosis,
     log_bins,
     log_histogram_quantile,
     projection_inputs,
@@ -75,3 +81,14 @@ def test_value_vectors_rebuild_the_attention_output(tiny_models, token_batch, fa
         per_head = v.repeat_interleave(n_rep, dim=2).transpose(1, 2)  # query head h reads KV head h // n_rep
         expected = (pattern @ per_head).transpose(1, 2).flatten(2)
         torch.testing.assert_close(expected, mixed[layer, OUT_PROJ[family]], rtol=1e-4, atol=1e-5)
+
+
+def test_folded_statistics_hold_no_autograd_graph(tiny_models):
+    """Norm and projection calls inside reducers must not chain every batch into one graph."""
+    loaded = tiny_models["llama"]
+    windows = token_windows(CorpusSpec("stdlib", seq_len=16, max_tokens=64, batch_size=2), loaded.tokenizer,
+                            loaded.bos_token_id, loaded.max_context)
+    spec = ProbeSpec((ProjectionOutliers(threshold=1.0), TokenKurtosis(), AttentionSinks(), MassiveActivations()))
+    results = capture(loaded, windows, spec, progress=False).results
+    tensors = [v for result in results.values() for v in result.values() if isinstance(v, torch.Tensor)]
+    assert tensors and not any(t.requires_grad for t in tensors)
