@@ -1,5 +1,6 @@
 import pytest
 import torch
+from outlier_helpers import small_windows
 
 from layerscope.analysis.int8_outliers import (
     METRIC,
@@ -11,7 +12,6 @@ from layerscope.analysis.int8_outliers import (
 )
 from layerscope.app.cli import main
 from layerscope.probes.capture import Capture, capture
-from layerscope.probes.corpus import CorpusSpec, token_windows
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
 
@@ -47,8 +47,7 @@ def test_thresholds_on_a_hand_built_case():
 
 def test_counts_match_the_projection_inputs_read_directly(tiny_models):
     loaded = tiny_models["qwen2"]
-    windows = token_windows(CorpusSpec("stdlib", seq_len=32, max_tokens=128, batch_size=2), loaded.tokenizer,
-                            loaded.bos_token_id, loaded.max_context)
+    windows = small_windows(loaded)
     threshold = 2.0  # random weights give no |x| >= 6
     cells = outlier_cells(capture(loaded, windows, probe(Int8Options(threshold=threshold)), progress=False))
     inputs = []
@@ -87,8 +86,7 @@ def test_bad_option_on_the_cli_is_one_line(capsys):
 
 def test_summary_with_no_outliers(tiny_models):
     loaded = tiny_models["gpt2"]
-    windows = token_windows(CorpusSpec("stdlib", seq_len=32, max_tokens=64, batch_size=2), loaded.tokenizer,
-                            loaded.bos_token_id, loaded.max_context)
+    windows = small_windows(loaded, max_tokens=64)
     tables = METRIC(loaded, windows)
     assert tables["int8_features"].empty
     assert METRIC.summarize(tables)[0].startswith("int8-outliers: 0 outlier feature dims; the largest")

@@ -2,16 +2,11 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from outlier_helpers import small_windows
 
 from layerscope.analysis.kurtosis import METRIC, PROBE, kurtosis_by_layer, run
 from layerscope.probes.capture import capture
-from layerscope.probes.corpus import CorpusSpec, token_windows
 from layerscope.probes.outlier_reducers import token_excess_kurtosis
-
-
-def _windows(loaded, max_tokens=128):
-    spec = CorpusSpec("stdlib", seq_len=32, max_tokens=max_tokens, batch_size=2)
-    return token_windows(spec, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
 
 
 def _scipy(x: torch.Tensor) -> np.ndarray:
@@ -33,7 +28,7 @@ def test_token_kurtosis_matches_scipy():
 
 def test_kurtosis_per_layer_against_hidden_states(tiny_models):
     loaded = tiny_models["llama"]
-    windows = _windows(loaded)
+    windows = small_windows(loaded)
     table = kurtosis_by_layer(capture(loaded, windows, PROBE, progress=False))
     with torch.no_grad():
         hidden = loaded.model(windows.input_ids, output_hidden_states=True).hidden_states
@@ -46,7 +41,7 @@ def test_kurtosis_per_layer_against_hidden_states(tiny_models):
 
 
 def test_kurtosis_tables_and_summary(tiny_models):
-    tables = run(tiny_models["gpt-neox"], _windows(tiny_models["gpt-neox"]), METRIC.options())
+    tables = run(tiny_models["gpt-neox"], small_windows(tiny_models["gpt-neox"]), METRIC.options())
     assert set(tables["kurtosis"]["site"]) == {"resid_post", "attn_in", "mlp_in"}
     overall = tables["kurtosis_overall"].set_index("site")
     by_layer = tables["kurtosis"]

@@ -1,6 +1,6 @@
 import pytest
 import torch
-import torch.nn.functional as F
+from outlier_helpers import hand_capture, next_token_loss, small_windows
 
 from layerscope.analysis.massive import (
     METRIC,
@@ -13,26 +13,10 @@ from layerscope.analysis.massive import (
 )
 from layerscope.app.cli import main
 from layerscope.probes.backends import Point
-from layerscope.probes.capture import Batch, Capture, capture
-from layerscope.probes.corpus import CorpusSpec, token_windows
+from layerscope.probes.capture import capture
 from layerscope.probes.errors import UserError
 from layerscope.probes.interventions import set_activations
 from layerscope.probes.outlier_reducers import MassiveActivations
-
-
-def _windows(loaded, seq_len=32, max_tokens=128, batch_size=2):
-    spec = CorpusSpec("stdlib", seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
-    return token_windows(spec, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
-
-
-def _hand_capture(loaded, batches, reducer):
-    state = reducer.start(loaded)
-    offset = 0
-    for ids, acts in batches:
-        state.update(acts, Batch(ids, None, offset))
-        offset += ids.shape[0]
-    return Capture({reducer.name: state.result()}, "hand", loaded.n_layers, offset * batches[0][0].shape[1],
-                   "hand", 0.0, 0)
 
 
 def test_planted_massive_values_are_found_at_their_position_and_dim(tiny_models):
@@ -46,7 +30,7 @@ def test_planted_massive_values_are_found_at_their_position_and_dim(tiny_models)
         batches.append((ids, acts))
     batches[1][1][Point("resid_post", 2)][1, 7, 11] = 5000.0  # window 4 of the corpus
     everything = {l: torch.cat([acts[Point("resid_post", l)] for _, acts in batches]) for l in range(4)}
-    captured = _hand_capture(loaded, batches, MassiveActivations(k=3))
+    captured = hand_capture(loaded, MassiveActivations(k=3), batches)
 
     top = massive_activations(captured).query("layer == 2").set_index("rank")
     assert (top.loc[1, "value"], top.loc[1, "window"], top.loc[1, "position"], top.loc[1, "dim"]) == (5000.0, 4, 7, 11)
@@ -73,7 +57,7 @@ def test_planted_massive_values_are_found_at_their_position_and_dim(tiny_models)
 
 def test_planted_activation_in_a_model_and_zero_versus_mean(tiny_models):
     loaded = tiny_models["llama"]
-    windows = _windows(loaded)
+    windows = small_windows(loaded)
     options = MassiveOptions(intervene="both")
     with set_activations(loaded, Point("resid_post", 1), positions=[3], dims=[7], values=10_000.0):
         tables = run(loaded, windows, options)
@@ -82,9 +66,8 @@ def test_planted_activation_in_a_model_and_zero_versus_mean(tiny_models):
         persistence = tables["massive_persistence"].set_index("dim")
         assert persistence.loc[7, "first_layer"] == 1
         # Independently: the loss with the planted value itself set to 0.
-        with set_activations(loaded, Point("resid_post", 1), positions=[3], dims=[7], values=0.0), torch.no_grad():
-            logits = loaded.model(windows.input_ids).logits
-    expected_zero = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows.input_ids[:, 1:].flatten()).item()
+        with set_activations(loaded, Point("resid_post", 1), positions=[3], dims=[7], values=0.0):
+            expected_zero = next_token_loss(loaded, windows)
     effect = tables["massive_intervention"].set_index("intervention")
     assert effect.loc["none", "layer"] == 1 and effect.loc["none", "dims"] == "7"
     assert effect.loc["none", "entries"] == windows.input_ids.shape[0]
@@ -100,8 +83,8 @@ def test_planted_activation_in_a_model_and_zero_versus_mean(tiny_models):
 def test_state_size_does_not_grow_with_the_corpus(tiny_models):
     loaded = tiny_models["gpt2"]
     spec = probe(MassiveOptions())
-    short = capture(loaded, _windows(loaded, max_tokens=128), spec, progress=False)
-    long = capture(loaded, _windows(loaded, max_tokens=512), spec, progress=False)
+    short = capture(loaded, small_windows(loaded), spec, progress=False)
+    long = capture(loaded, small_windows(loaded, max_tokens=512), spec, progress=False)
     assert long.n_tokens == 4 * short.n_tokens
     assert long.peak_state_bytes == short.peak_state_bytes > 0
 
@@ -125,18 +108,18 @@ def test_bad_input_on_the_cli_is_one_line(capsys):
 def test_intervening_on_an_encoder_is_a_user_error(tiny_models):
     loaded = tiny_models["bert"]
     with pytest.raises(UserError, match="encoder"):
-        run(loaded, _windows(loaded), MassiveOptions(intervene="zero"))
+        run(loaded, small_windows(loaded), MassiveOptions(intervene="zero"))
 
 
 def test_no_massive_activation_means_nothing_to_intervene_on(tiny_models):
     loaded = tiny_models["llama"]
     with pytest.raises(UserError, match="nothing to intervene on"):
-        run(loaded, _windows(loaded), MassiveOptions(intervene="zero"))
+        run(loaded, small_windows(loaded), MassiveOptions(intervene="zero"))
 
 
 @pytest.mark.real
 def test_smollm2_massive_activation_appears_at_block_11_and_zeroing_it_breaks_the_model(smollm2):
-    windows = _windows(smollm2, seq_len=32, max_tokens=64, batch_size=2)
+    windows = small_windows(smollm2, max_tokens=64)
     tables = run(smollm2, windows, MassiveOptions(intervene="both"))
     dims = tables["massive_dims"].query("massive")
     assert dims["layer"].min() == 11

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from outlier_helpers import small_windows
 
 from layerscope.probes.backends import get_backend, points
 from layerscope.probes.capture import ProbeSpec, capture
-from layerscope.probes.corpus import CorpusSpec, token_windows
 from layerscope.probes.families import get_module
 from layerscope.probes.outlier_reducers import (
     AttentionSinks,
@@ -86,8 +86,7 @@ def test_value_vectors_rebuild_the_attention_output(tiny_models, token_batch, fa
 def test_folded_statistics_hold_no_autograd_graph(tiny_models):
     """Norm and projection calls inside reducers must not chain every batch into one graph."""
     loaded = tiny_models["llama"]
-    windows = token_windows(CorpusSpec("stdlib", seq_len=16, max_tokens=64, batch_size=2), loaded.tokenizer,
-                            loaded.bos_token_id, loaded.max_context)
+    windows = small_windows(loaded, max_tokens=64, seq_len=16)
     spec = ProbeSpec((ProjectionOutliers(threshold=1.0), TokenKurtosis(), AttentionSinks(), MassiveActivations()))
     results = capture(loaded, windows, spec, progress=False).results
     tensors = [v for result in results.values() for v in result.values() if isinstance(v, torch.Tensor)]

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from outlier_helpers import hand_capture, small_windows
 
 from layerscope.analysis.sinks import (
     METRIC,
@@ -18,19 +19,13 @@ from layerscope.analysis.sinks import (
 )
 from layerscope.app.cli import main
 from layerscope.probes.backends import Point
-from layerscope.probes.capture import Batch, Capture, capture
-from layerscope.probes.corpus import CorpusSpec, token_windows
+from layerscope.probes.capture import capture
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
 from layerscope.probes.outlier_reducers import AttentionSinks, ResidualSinks
 from layerscope.probes.zoo import load_model
 
 T = 16
-
-
-def _windows(loaded, max_tokens=64, seq_len=32):
-    spec = CorpusSpec("stdlib", seq_len=seq_len, max_tokens=max_tokens, batch_size=2)
-    return token_windows(spec, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
 
 
 def _uniform_causal(batch: int, heads: int) -> torch.Tensor:
@@ -48,15 +43,6 @@ def _sink_pattern(batch: int, heads: int, mass: float) -> torch.Tensor:
     return pattern
 
 
-def _hand_capture(loaded, reducer, batches):
-    state = reducer.start(loaded)
-    offset = 0
-    for ids, acts in batches:
-        state.update(acts, Batch(ids, None, offset))
-        offset += ids.shape[0]
-    return Capture({reducer.name: state.result()}, "hand", loaded.n_layers, 0, "hand", 0.0, 0)
-
-
 def test_a_planted_sink_pattern_gives_the_expected_alpha_and_sink_rate(tiny_models):
     loaded = tiny_models["llama"]  # 4 layers, 4 query heads on 2 KV heads
     generator = torch.Generator().manual_seed(0)
@@ -70,7 +56,7 @@ def test_a_planted_sink_pattern_gives_the_expected_alpha_and_sink_rate(tiny_mode
             acts[Point("attn_pattern", layer)] = pattern
             acts[Point("resid_pre", layer)] = torch.randn(3, T, 64, generator=generator)
         batches.append((torch.zeros(3, T, dtype=torch.long), acts))
-    captured = _hand_capture(loaded, AttentionSinks(eps=0.3), batches)
+    captured = hand_capture(loaded, AttentionSinks(eps=0.3), batches)
     heads = sink_heads(captured, loaded.n_kv_heads).set_index(["layer", "head"])
 
     # Direct from the definition: alpha_k = sum_{t>=k} A[t,k] / (T-k).
@@ -96,7 +82,7 @@ def test_a_planted_sink_pattern_gives_the_expected_alpha_and_sink_rate(tiny_mode
 
 def test_value_norm_ratio_maps_query_heads_to_kv_heads(tiny_models):
     loaded = tiny_models["llama"]
-    windows = _windows(loaded)
+    windows = small_windows(loaded, max_tokens=64)
     heads = run(loaded, windows, SinkOptions())["sink_heads"].set_index(["layer", "head"])
     assert heads["kv_head"].tolist()[:4] == [0, 0, 1, 1]
     # Independently: the v projection's output, read with a hook.
@@ -121,7 +107,7 @@ def test_residual_sinks_on_a_planted_dim(tiny_models):
     h = torch.randn(4, T, 64, generator=generator)
     h[:3, :, 5] = 40.0  # three of four windows: dim 5 is every token's argmax
     acts = {Point("resid_post", l): h for l in range(4)}
-    captured = _hand_capture(loaded, ResidualSinks(), [(torch.zeros(4, T, dtype=torch.long), acts)])
+    captured = hand_capture(loaded, ResidualSinks(), [(torch.zeros(4, T, dtype=torch.long), acts)])
     weights = reading_norm_weights(loaded)
     table = residual_sinks(captured, weights, top_dims=2).set_index(["layer", "rank"])
     assert table.loc[(1, 1), "dim"] == 5
@@ -144,14 +130,14 @@ def test_norm_weights_include_the_family_offset(tiny_models):
 def test_sinks_switch_a_model_to_eager_attention_and_back():
     loaded = load_model("tiny-llama")
     assert loaded.config._attn_implementation == "sdpa"
-    tables = run(loaded, _windows(loaded), SinkOptions())
+    tables = run(loaded, small_windows(loaded, max_tokens=64), SinkOptions())
     assert len(tables["sink_heads"]) == 16 and tables["sink_heads"]["alpha_0"].between(0, 1).all()
     assert loaded.config._attn_implementation == "sdpa"
 
 
 def test_sinks_on_an_encoder_divide_by_every_query(tiny_models):
     loaded = tiny_models["bert"]
-    tables = run(loaded, _windows(loaded), SinkOptions(keys=2))
+    tables = run(loaded, small_windows(loaded, max_tokens=64), SinkOptions(keys=2))
     alpha = tables["sink_alpha"]
     assert len(alpha) == 4 * 4 * 2 and alpha["alpha"].between(0, 1).all()
     assert tables["sink_summary"]["entropy_uniform"].iloc[0] == pytest.approx(math.log(32))
@@ -160,8 +146,8 @@ def test_sinks_on_an_encoder_divide_by_every_query(tiny_models):
 def test_state_size_does_not_grow_with_the_corpus(tiny_models):
     loaded = tiny_models["qwen2"]
     spec = probe(SinkOptions())
-    short = capture(loaded, _windows(loaded, max_tokens=64), spec, progress=False)
-    long = capture(loaded, _windows(loaded, max_tokens=256), spec, progress=False)
+    short = capture(loaded, small_windows(loaded, max_tokens=64), spec, progress=False)
+    long = capture(loaded, small_windows(loaded, max_tokens=256), spec, progress=False)
     assert long.peak_state_bytes == short.peak_state_bytes > 0
 
 
@@ -183,7 +169,7 @@ def test_bad_eps_on_the_cli_is_one_line(capsys):
 
 def test_summary_names_the_sink_rate_and_the_top_residual_dim(tiny_models):
     loaded = tiny_models["mistral"]
-    tables = run(loaded, _windows(loaded), SinkOptions())
+    tables = run(loaded, small_windows(loaded, max_tokens=64), SinkOptions())
     lines = METRIC.summarize(tables)
     assert lines[0].startswith("sinks: sink rate ") and lines[1].startswith("sinks: top residual-sink dim ")
     heads_figure, residual_figure = METRIC.figures(tables)

@@ -1,27 +1,15 @@
 import pytest
 import torch
-import torch.nn.functional as F
+from outlier_helpers import next_token_loss, small_windows
 
 from layerscope.analysis.super_weights import METRIC, SuperWeightOptions, run
 from layerscope.app.cli import main
 from layerscope.probes.backends import Point
-from layerscope.probes.corpus import CorpusSpec, token_windows
 from layerscope.probes.errors import UserError
 from layerscope.probes.interventions import set_activations
 from layerscope.probes.weight_edits import down_proj_matrix, zeroed_down_proj_weights
 
 LAYER, ROW, COL = 1, 9, 17
-
-
-def _windows(loaded, max_tokens=64):
-    spec = CorpusSpec("stdlib", seq_len=32, max_tokens=max_tokens, batch_size=2)
-    return token_windows(spec, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
-
-
-def _loss(loaded, windows):
-    with torch.no_grad():
-        logits = loaded.model(windows.input_ids).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), windows.input_ids[:, 1:].flatten()).item()
 
 
 @pytest.fixture
@@ -39,13 +27,13 @@ def planted_weight(tiny_models):
 
 def test_a_planted_super_weight_is_found_and_ablated(planted_weight):
     loaded = planted_weight
-    windows = _windows(loaded)
+    windows = small_windows(loaded, max_tokens=64)
     # A spike on input dim 17 of block 1 at position 5 meets the planted weight.
     with set_activations(loaded, Point("mlp_act", LAYER), positions=[5], dims=[COL], values=40.0):
         tables = run(loaded, windows, SuperWeightOptions(ablate=True))
         with zeroed_down_proj_weights(loaded, [(LAYER, ROW, COL)]):
-            expected = _loss(loaded, windows)
-        clean = _loss(loaded, windows)
+            expected = next_token_loss(loaded, windows)
+        clean = next_token_loss(loaded, windows)
     weight = tables["super_weight"].iloc[0]
     assert (weight["layer"], weight["row"], weight["col"], weight["value"]) == (LAYER, ROW, COL, 50.0)
     assert weight["position"] == 5 and weight["spike"] and weight["weight_rank"] == 1
@@ -74,14 +62,14 @@ def test_conv1d_weights_are_read_as_output_by_input(tiny_models):
 
 def test_a_chosen_layer_and_bad_layers(tiny_models):
     loaded = tiny_models["llama"]
-    tables = run(loaded, _windows(loaded), SuperWeightOptions(layer=2))
+    tables = run(loaded, small_windows(loaded, max_tokens=64), SuperWeightOptions(layer=2))
     assert tables["super_weight"]["layer"].iloc[0] == 2
     with pytest.raises(UserError, match="out of range"):
-        run(loaded, _windows(loaded), SuperWeightOptions(layer=4))
+        run(loaded, small_windows(loaded, max_tokens=64), SuperWeightOptions(layer=4))
     with pytest.raises(UserError, match="layer must be >= 0"):
         SuperWeightOptions(layer=-1)
     with pytest.raises(UserError, match="encoder"):
-        run(tiny_models["bert"], _windows(tiny_models["bert"]), SuperWeightOptions(ablate=True))
+        run(tiny_models["bert"], small_windows(tiny_models["bert"], max_tokens=64), SuperWeightOptions(ablate=True))
 
 
 def test_bad_layer_on_the_cli_is_one_line(capsys):
@@ -91,8 +79,7 @@ def test_bad_layer_on_the_cli_is_one_line(capsys):
 
 @pytest.mark.real
 def test_smollm2_super_weight_sits_in_block_11(smollm2):
-    windows = token_windows(CorpusSpec("stdlib", seq_len=32, max_tokens=64, batch_size=2), smollm2.tokenizer,
-                            smollm2.bos_token_id, smollm2.max_context)
+    windows = small_windows(smollm2, max_tokens=64)
     tables = run(smollm2, windows, SuperWeightOptions(ablate=True))
     weight = tables["super_weight"].iloc[0]
     assert (weight["layer"], weight["row"], weight["col"]) == (11, 507, 1229)
