@@ -10,6 +10,8 @@ the norm-free model.  The papers report the norm-free model against the vanilla 
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -18,8 +20,8 @@ from layerscope.probes.ln_removal import FineTuneResult
 
 def ln_removal_tables(removal: FineTuneResult, control: FineTuneResult | None,
                       no_finetune_ce: float | None) -> dict[str, pd.DataFrame]:
-    """- `ln_removal_eval`: one row per model: evaluation cross-entropy, and its change
-      against the original and against the vanilla fine-tune.
+    """- `ln_removal_eval`: one row per model: evaluation cross-entropy, its change against
+      the original and against the vanilla fine-tune, and a note when it is not finite.
     - `ln_removal_loss`: one row per (run, step): training loss, auxiliary loss, learning
       rate, gradient norm and the number of norms removed so far.
     - `ln_removal_schedule`: one row per removed norm: the step it was frozen, its role,
@@ -34,6 +36,9 @@ def ln_removal_tables(removal: FineTuneResult, control: FineTuneResult | None,
     evals = pd.DataFrame(rows, columns=["model", "eval_ce", "steps"])
     evals["delta_vs_original"] = evals["eval_ce"] - removal.eval_before
     evals["delta_vs_vanilla"] = evals["eval_ce"] - control.eval_after if control is not None else float("nan")
+    # Freezing every norm at once can overflow float32 (it does on SmolLM2): say so, not just NaN.
+    evals["note"] = ["" if math.isfinite(ce) else "loss not finite: the activations overflow float32"
+                     for ce in evals["eval_ce"]]
     curves = [pd.DataFrame(removal.history).assign(run="ln-removal")]
     if control is not None:
         curves.append(pd.DataFrame(control.history).assign(run="vanilla"))
@@ -67,7 +72,8 @@ def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None) 
 
 def summarize(tables: dict[str, pd.DataFrame]) -> list[str]:
     evals = tables["ln_removal_eval"].set_index("model")
-    parts = [f"{model} {row['eval_ce']:.4f}" for model, row in evals.iterrows()]
+    parts = [f"{model} {row['eval_ce']:.4f}" + (f" ({row['note']})" if row["note"] else "")
+             for model, row in evals.iterrows()]
     line = "ln-removal eval CE: " + ", ".join(parts)
     if "vanilla fine-tune" in evals.index:
         line += f"; norm-free - vanilla {evals.loc['norm-free', 'delta_vs_vanilla']:+.4f}"

@@ -261,7 +261,7 @@ def eval_ce(loaded: LoadedModel, windows: TokenWindows) -> float:
     return total / count
 
 
-def _optimizer(model: torch.nn.Module, config: RemovalConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, config: RemovalConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
@@ -333,7 +333,7 @@ class FineTuneResult:
 
 
 class LossNotFinite(UserError):
-    pass
+    """Training stopped on a NaN or infinite loss or gradient; the last checkpoint is kept."""
 
 
 def _data_manifest(train: TokenWindows, evaluation: TokenWindows) -> dict:
@@ -355,7 +355,7 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
     model = loaded.model
     wrapped = wrap_norms(loaded, config.momentum) if remove else {}
     events = removal_schedule([w.site for w in wrapped.values()], config) if remove else []
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     data = _data_manifest(train, evaluation)
     history: dict[str, list] = {k: [] for k in ("step", "loss", "aux", "lr", "grad_norm", "removed")}
     start, resumed_from, elapsed = 0, None, 0.0

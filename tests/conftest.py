@@ -24,6 +24,15 @@ def smollm2():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and on a shared machine the second core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def token_batch():
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (2, 16), generator=generator)

@@ -15,12 +15,7 @@ from layerscope.probes.zoo import load_model
 CAUSAL = ["gpt2", "llama", "gemma", "gpt-neox"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _windows(loaded, tokens=256):

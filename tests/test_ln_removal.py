@@ -20,13 +20,7 @@ FAST = RemovalConfig(steps=12, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1
 SMALL_DATA = RemovalData(seq_len=32, batch_size=4, train_tokens=2048, eval_tokens=512)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread, and a shared machine's second core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _removed(family: str, config: RemovalConfig = FAST, **kwargs):
@@ -251,3 +245,22 @@ def test_cli_refuses_a_model_without_norms_and_a_resume_for_another_model(capsys
     code, _, err = _cli(capsys, "--model", "tiny-qwen2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path),
                         "--checkpoint-dir", str(tmp_path / "ln-removal" / "tiny-llama"), "--resume")
     assert code == 2 and "is a run for model 'tiny-llama', not 'tiny-qwen2'" in err and err.count("\n") == 1
+
+
+def test_tables_flag_a_non_finite_control_and_summarize_against_vanilla():
+    from layerscope.analysis.ln_removal import ln_removal_tables, loss_curve_figure, summarize
+    from layerscope.probes.ln_removal import FineTuneResult, RemovalEvent
+
+    history = {"step": [0, 1], "loss": [3.0, 2.5], "aux": [0.0, 0.0], "lr": [1e-4, 1e-4], "grad_norm": [1.0, 1.0]}
+    removal = FineTuneResult(True, {**history, "removed": [0, 1]}, [RemovalEvent(1, "final_norm", "model.norm")],
+                             [{"role": "final_norm", "scale": 2.0, "first_scale": 9.0}], 3.3, 3.5, 1.0, None)
+    control = FineTuneResult(False, {**history, "removed": [0, 0]}, [], [], 3.3, 3.0, 1.0, None)
+    tables = ln_removal_tables(removal, control, float("nan"))
+    evals = tables["ln_removal_eval"].set_index("model")
+    assert evals.loc["norm-free", "delta_vs_vanilla"] == pytest.approx(0.5)
+    assert evals.loc["removed, no fine-tune", "note"].startswith("loss not finite")
+    assert evals.loc["norm-free", "note"] == ""
+    assert tables["ln_removal_schedule"].iloc[0].to_dict() == {"step": 1, "role": "final_norm", "path": "model.norm",
+                                                                "scale": 2.0, "first_scale": 9.0}
+    assert "norm-free - vanilla +0.5000" in summarize(tables)[0]
+    assert len(loss_curve_figure(tables["ln_removal_loss"], tables["ln_removal_schedule"]).data) == 4
