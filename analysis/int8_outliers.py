@@ -124,7 +124,7 @@ def _figures(tables: Tables) -> list[go.Figure]:
 def _summarize(tables: Tables) -> list[str]:
     features, layers = tables["int8_features"], tables["int8_layers"]
     peak = layers.loc[layers["max_abs"].idxmax()]
-    head = f"int8-outliers: {len(features)} outlier feature dims"
+    head = f"int8-outliers: {len(features)} outlier feature dim{'' if len(features) == 1 else 's'}"
     if features.empty:
         return [f"{head}; the largest projection input is |x| {peak['max_abs']:.4g} (block {peak['layer']}, "
                 f"{peak['site']}, dim {peak['max_dim']})"]

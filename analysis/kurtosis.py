@@ -78,7 +78,7 @@ def _figures(tables: Tables) -> list[go.Figure]:
 
 def _summarize(tables: Tables) -> list[str]:
     overall = tables["kurtosis_overall"].set_index("site")
-    parts = [f"{site} {row['kurtosis']:.4g} (peak {row['peak_kurtosis']:.4g} at block {row['peak_layer']})"
+    parts = [f"{site} {row['kurtosis']:.4g} (peak {row['peak_kurtosis']:.4g} at block {int(row['peak_layer'])})"
              for site, row in overall.iterrows()]
     return ["kurtosis: mean excess kurtosis over layers: " + "; ".join(parts)]
 

@@ -223,7 +223,7 @@ def _summarize(tables: Tables) -> list[str]:
     mine = top[top["dim"] == dim_counts.index[0]]
     strongest = mine.loc[mine["argmax_share"].idxmax()]
     return [
-        f"sinks: sink rate {summary['sink_rate']:.3g}% of {summary['layers']}x{summary['heads']} heads "
+        f"sinks: sink rate {summary['sink_rate']:.3g}% of {int(summary['layers'])}x{int(summary['heads'])} heads "
         f"(alpha_0 > {summary['eps']:g}, per window); median alpha_0 {heads['alpha_0'].median():.3g}; median "
         f"||v_0||/mean||v|| {summary['median_value_norm_ratio']:.3g}; mean attention entropy "
         f"{summary['mean_entropy']:.3g} nats (uniform {summary['entropy_uniform']:.3g})",

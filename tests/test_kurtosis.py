@@ -46,5 +46,8 @@ def test_kurtosis_tables_and_summary(tiny_models):
     overall = tables["kurtosis_overall"].set_index("site")
     by_layer = tables["kurtosis"]
     assert overall.loc["mlp_in", "kurtosis"] == pytest.approx(by_layer[by_layer.site == "mlp_in"]["kurtosis"].mean())
-    assert METRIC.summarize(tables)[0].startswith("kurtosis: mean excess kurtosis over layers: resid_post ")
+    line = METRIC.summarize(tables)[0]
+    peak = overall.loc["resid_post"]
+    assert line.startswith(f"kurtosis: mean excess kurtosis over layers: resid_post {peak['kurtosis']:.4g} "
+                           f"(peak {peak['peak_kurtosis']:.4g} at block {int(peak['peak_layer'])});")
     assert len(METRIC.figures(tables)[0].data) == 6

@@ -171,6 +171,7 @@ def test_summary_names_the_sink_rate_and_the_top_residual_dim(tiny_models):
     loaded = tiny_models["mistral"]
     tables = run(loaded, small_windows(loaded, max_tokens=64), SinkOptions())
     lines = METRIC.summarize(tables)
-    assert lines[0].startswith("sinks: sink rate ") and lines[1].startswith("sinks: top residual-sink dim ")
+    assert lines[0].startswith("sinks: sink rate ") and " of 4x4 heads " in lines[0]
+    assert lines[1].startswith("sinks: top residual-sink dim ")
     heads_figure, residual_figure = METRIC.figures(tables)
     assert heads_figure.data[0].z.shape == (4, 4) and len(residual_figure.data) == 2
