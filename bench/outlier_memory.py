@@ -26,14 +26,11 @@ MEASUREMENTS = ("massive", "sinks")
 
 def child(measurement: str, model: str, tokens: int) -> None:
     """Run one capture and print its figures as JSON."""
-    import torch
-
     from layerscope.analysis import massive, sinks
     from layerscope.probes.capture import capture
     from layerscope.probes.corpus import CorpusSpec, token_windows
     from layerscope.probes.zoo import load_model
 
-    torch.set_num_threads(2)
     module = {"massive": massive, "sinks": sinks}[measurement]
     options = {"massive": massive.MassiveOptions, "sinks": sinks.SinkOptions}[measurement]()
     # Attention patterns need eager attention; load it that way so both budgets run alike.

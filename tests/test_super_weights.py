@@ -79,7 +79,7 @@ def test_bad_layer_on_the_cli_is_one_line(capsys):
 
 @pytest.mark.real
 def test_smollm2_super_weight_sits_in_block_11(smollm2):
-    windows = small_windows(smollm2, max_tokens=64)
+    windows = small_windows(smollm2, max_tokens=32)
     tables = run(smollm2, windows, SuperWeightOptions(ablate=True))
     weight = tables["super_weight"].iloc[0]
     assert (weight["layer"], weight["row"], weight["col"]) == (11, 507, 1229)
