@@ -118,7 +118,7 @@ def test_no_massive_activation_means_nothing_to_intervene_on(tiny_models):
 
 
 @pytest.mark.real
-def test_smollm2_massive_activation_appears_at_block_11_and_zeroing_it_breaks_the_model(smollm2):
+def test_smollm2_massive_activation_appears_at_block_11_and_zeroing_it_breaks_the_model(smollm2, one_thread):
     windows = small_windows(smollm2, max_tokens=32)
     tables = run(smollm2, windows, MassiveOptions(intervene="both"))
     dims = tables["massive_dims"].query("massive")

@@ -78,7 +78,7 @@ def test_bad_layer_on_the_cli_is_one_line(capsys):
 
 
 @pytest.mark.real
-def test_smollm2_super_weight_sits_in_block_11(smollm2):
+def test_smollm2_super_weight_sits_in_block_11(smollm2, one_thread):
     windows = small_windows(smollm2, max_tokens=32)
     tables = run(smollm2, windows, SuperWeightOptions(ablate=True))
     weight = tables["super_weight"].iloc[0]
