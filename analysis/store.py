@@ -107,6 +107,7 @@ def open_run(manifest: dict, root: Path = DEFAULT_ROOT, run_id: str | None = Non
     model_name = manifest.get("model", {}).get("model", "model")
     run_id = _check_run_id(run_id or new_run_id(manifest.get("metric", "run"), model_name))
     staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=root))
+    staging.chmod(0o755)  # mkdtemp makes it private; a finished run is read by whoever reads the store
     (staging / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     writer = RunWriter(run_id, root / run_id, staging, {**manifest, "run_id": run_id, "created": _now()})
     try:

@@ -42,6 +42,7 @@ def test_saved_run_round_trips_and_lists_complete(tmp_path):
     pd.testing.assert_frame_equal(tables["toy"], _table())
     assert _status(tmp_path) == {path.name: "complete"}
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no staging folder may remain"
+    assert path.stat().st_mode & 0o777 == 0o755
 
 
 def test_a_failed_run_leaves_nothing(tmp_path):
