@@ -29,6 +29,10 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/capture_overhead.py
+	$(BIN)/python bench/skip_sweep.py
+	$(BIN)/python bench/outlier_memory.py
+	$(BIN)/python bench/ln_removal_step.py
+	$(BIN)/python bench/app_reopen.py
 
 clean:
 	rm -rf $(VENV) runs
