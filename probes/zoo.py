@@ -304,7 +304,7 @@ def _load_from_config(spec: ModelSpec) -> LoadedModel:
     if not path.exists():
         raise UserError(f"config {path} does not exist")
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise UserError(f"could not read config {path}: {str(err).splitlines()[0]}") from None
     if config.vocab_size < BYTE_VOCAB:
@@ -332,9 +332,11 @@ def _load_local_dir(spec: ModelSpec, path: Path, source: str | None = None) -> L
         if model_type == "bert":
             model = BertForMaskedLM.from_pretrained(path, attn_implementation=spec.attn_implementation)
         else:
+            # A checkpoint that ships its own modelling code is refused, never run or asked about.
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=spec.attn_implementation,
+                                                         trust_remote_code=False,
                                                          dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load {path}: {str(err).splitlines()[0]}") from None
     weights = tuple(sorted(path.glob("*.safetensors")))

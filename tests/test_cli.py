@@ -65,3 +65,16 @@ def test_console_script_reports_errors_without_traceback():
                              "--model", "nope"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("layerscope: error: unknown model") and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_with_its_own_code_never_runs_it(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
+    }))
+    marker = tmp_path / "ran"
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (tmp_path / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    code, _, err = _run(capsys, "analyze", "residual-stats", "--no-save", "--model", str(tmp_path))
+    assert code == 2 and err.startswith("layerscope: error: could not load")
+    assert not marker.exists()
