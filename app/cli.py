@@ -51,10 +51,15 @@ def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-save", action="store_true", help="print only; do not write a run")
 
 
+def _literal(text: str) -> str:
+    """argparse formats help with %, so a literal percent sign must be doubled."""
+    return text.replace("%", "%%")
+
+
 def _add_metric_options(parser: argparse.ArgumentParser, options_type: type) -> None:
     for f in fields(options_type):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = _literal(f.metadata.get("help", ""))
         type_name = str(f.type).split("|")[0].strip()
         if type_name == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -76,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="run a measurement")
     metric_sub = analyze.add_subparsers(dest="metric", required=True, parser_class=_Parser)
     for metric in METRICS.values():
-        p = metric_sub.add_parser(metric.name, help=metric.summary, description=metric.summary)
+        p = metric_sub.add_parser(metric.name, help=_literal(metric.summary), description=_literal(metric.summary))
         _add_corpus_args(p)
         _add_metric_options(p, metric.options)
 

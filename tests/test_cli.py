@@ -78,3 +78,13 @@ def test_a_checkpoint_with_its_own_code_never_runs_it(capsys, tmp_path):
     code, _, err = _run(capsys, "analyze", "residual-stats", "--no-save", "--model", str(tmp_path))
     assert code == 2 and err.startswith("layerscope: error: could not load")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["analyze", "--help"], ["survey", "--help"], ["ln-removal", "--help"]]
+                         + [["analyze", name, "--help"] for name in __import__(
+                             "layerscope.analysis.registry", fromlist=["METRICS"]).METRICS])
+def test_every_help_page_renders(capsys, argv):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 0
+    assert "usage: layerscope" in capsys.readouterr().out
