@@ -10,7 +10,6 @@ import sys
 import time
 import warnings
 from dataclasses import MISSING, asdict, fields
-from importlib import metadata
 from pathlib import Path
 
 from layerscope.probes.errors import UserError
@@ -115,16 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for package in ("layerscope", "torch", "transformers", "transformer-lens", "nnsight"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
 def _print_tables(tables: dict, fmt: str, run_path: Path | None) -> None:
     import pandas as pd
 
@@ -160,7 +149,7 @@ def _progress(args) -> bool:
 
 
 def _save(args, metric_name: str, loaded, windows, options: dict, tables: dict, timings: dict) -> Path | None:
-    from layerscope.analysis.store import save_run
+    from layerscope.analysis.store import package_versions, save_run
 
     if args.no_save:
         return None
@@ -170,7 +159,7 @@ def _save(args, metric_name: str, loaded, windows, options: dict, tables: dict, 
         "corpus": windows.manifest(),
         "options": options,
         "backend": args.backend,
-        "versions": _versions(),
+        "versions": package_versions(),
         "timings": timings,
     }
     return save_run(tables, manifest, Path(args.runs_dir))
