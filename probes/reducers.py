@@ -17,12 +17,13 @@ from layerscope.probes.capture import Batch
 from layerscope.probes.zoo import LoadedModel
 
 FIRST, REST = 0, 1
-MOMENT_FIELDS = ("tokens", "sum_norm", "sum_norm_sq", "elements", "sum_x", "sum_x_sq")
+# sum_x_sq is also the sum of squared token norms, so it is not kept twice.
+MOMENT_FIELDS = ("tokens", "sum_norm", "elements", "sum_x", "sum_x_sq")
 
 
 @dataclass(frozen=True)
 class ResidualMoments:
-    """Per point: token count, sums of L2 norm and squared norm, element sums and sums of
+    """Per point: token count, sum of L2 norms, element count, sum and sum of
     squares (position 0 apart from the rest), and the largest |x| with its location."""
 
     kinds: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
@@ -76,10 +77,9 @@ def batch_moments(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Te
     Sums run in float32 over one batch and are accumulated across batches in float64."""
     out = torch.empty(2, len(MOMENT_FIELDS), dtype=torch.float64)
     for slot, part in ((FIRST, x[:, :1]), (REST, x[:, 1:])):
-        squares = part.square()
-        norm_sq = squares.sum(dim=-1)
+        norm_sq = part.square().sum(dim=-1)
         out[slot] = torch.stack([
-            torch.tensor(float(norm_sq.numel())), norm_sq.sqrt().sum(), norm_sq.sum(),
+            torch.tensor(float(norm_sq.numel())), norm_sq.sqrt().sum(),
             torch.tensor(float(part.numel())), part.sum(), norm_sq.sum(),
         ]).double()
     return out
@@ -93,7 +93,7 @@ def fold_moments(into: Float[torch.Tensor, "2 field"], x: Float[torch.Tensor, "b
 def moment_summary(moments: Float[torch.Tensor, "... 2 field"], slot: int) -> dict[str, torch.Tensor]:
     """Mean norm, and the mean, variance and std over all elements, from folded moments."""
     m = moments[..., slot, :]
-    tokens, sum_norm, _, elements, sum_x, sum_x_sq = m.unbind(-1)
+    tokens, sum_norm, elements, sum_x, sum_x_sq = m.unbind(-1)
     mean = sum_x / elements
     # Unbiased, as torch.var's default.
     variance = (sum_x_sq - elements * mean.square()) / (elements - 1)

@@ -3,13 +3,13 @@ import torch
 from layerscope.analysis.residual_stats import PROBE, residual_stats
 from layerscope.probes.capture import capture
 from layerscope.probes.corpus import CorpusSpec, token_windows
-from layerscope.probes.reducers import FIRST, REST, fold_moments, moment_summary
+from layerscope.probes.reducers import FIRST, MOMENT_FIELDS, REST, fold_moments, moment_summary
 
 
 def test_moments_match_torch_var_and_norm():
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(3, 5, 8, generator=generator) * s + s for s in (1.0, 4.0)]
-    folded = torch.zeros(2, 6, dtype=torch.float64)
+    folded = torch.zeros(2, len(MOMENT_FIELDS), dtype=torch.float64)
     for x in batches:
         fold_moments(folded, x)
     everything = torch.cat(batches)
