@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -55,14 +55,19 @@ def points(kinds: tuple[str, ...] | list[str], n_layers: int) -> list[Point]:
 
 
 Activations = dict[Point, torch.Tensor]
+# Consumers that take a point's tensor the moment it is produced, so that it need not be kept.
+Stream = dict[Point, Callable[[torch.Tensor], None]]
 
 
 class Backend(Protocol):
     name: str
 
-    def run(self, loaded: LoadedModel, input_ids: Int[torch.Tensor, "batch pos"],
-            wanted: list[Point]) -> tuple[Float[torch.Tensor, "batch pos vocab"] | None, Activations]:
-        """One forward pass; the logits (None for encoders) and the activations asked for."""
+    def run(self, loaded: LoadedModel, input_ids: Int[torch.Tensor, "batch pos"], wanted: list[Point],
+            stream: Stream | None = None) -> tuple[Float[torch.Tensor, "batch pos vocab"] | None, Activations]:
+        """One forward pass; the logits (None for encoders) and the activations asked for.
+
+        A backend that can hands each point of `stream` to its consumer during the pass
+        and leaves it out of the returned activations; one that cannot returns it as usual."""
 
 
 def _first(output):
@@ -74,19 +79,24 @@ def _check_pattern_support(loaded: LoadedModel, wanted: list[Point]) -> None:
         loaded.use_eager_attention()
 
 
+def _is_derived(loaded: LoadedModel, p: Point) -> bool:
+    return p.kind == "resid_mid" and loaded.adapter.resid_mid_from == "derived"
+
+
+def _derivation_sources(p: Point) -> tuple[Point, Point]:
+    return Point("resid_pre", p.layer), Point("attn_out", p.layer)
+
+
 def _derive_resid_mid(loaded: LoadedModel, acts: Activations, wanted: list[Point]) -> None:
     for p in wanted:
-        if p.kind == "resid_mid" and loaded.adapter.resid_mid_from == "derived":
-            acts[p] = acts[Point("resid_pre", p.layer)] + acts[Point("attn_out", p.layer)]
+        if _is_derived(loaded, p):
+            pre, attn = _derivation_sources(p)
+            acts[p] = acts[pre] + acts[attn]
 
 
 def _needed(loaded: LoadedModel, wanted: list[Point]) -> list[Point]:
     """The points to read, including those a derived point is computed from."""
-    extra = []
-    if loaded.adapter.resid_mid_from == "derived":
-        for p in wanted:
-            if p.kind == "resid_mid":
-                extra += [Point("resid_pre", p.layer), Point("attn_out", p.layer)]
+    extra = [source for p in wanted if _is_derived(loaded, p) for source in _derivation_sources(p)]
     return sorted(set(wanted) | set(extra), key=_execution_order)
 
 
@@ -107,26 +117,38 @@ class HooksBackend:
 
     name = "hooks"
 
-    def run(self, loaded, input_ids, wanted):
+    def run(self, loaded, input_ids, wanted, stream=None):
         _check_pattern_support(loaded, wanted)
         acts: Activations = {}
-        with torch.no_grad(), self.hooks(loaded, _needed(loaded, wanted), acts):
+        needed = _needed(loaded, wanted)
+        # Derived points, and the points they are computed from, wait for the end of the pass.
+        waiting = {q for p in wanted if _is_derived(loaded, p) for q in (p, *_derivation_sources(p))}
+        streamed = {p: consume for p, consume in (stream or {}).items() if p in wanted and p not in waiting}
+        with torch.no_grad(), self.hooks(loaded, needed, acts, streamed):
             output = loaded.model(input_ids)
         _derive_resid_mid(loaded, acts, wanted)
-        return _logits(loaded, output), {p: acts[p] for p in wanted}
+        return _logits(loaded, output), {p: acts[p] for p in wanted if p not in streamed}
 
     @contextlib.contextmanager
-    def hooks(self, loaded: LoadedModel, wanted: list[Point], sink: Activations) -> Iterator[None]:
+    def hooks(self, loaded: LoadedModel, wanted: list[Point], sink: Activations,
+              stream: Stream | None = None) -> Iterator[None]:
         adapter, model = loaded.adapter, loaded.model
         handles = []
+        stream = stream or {}
+
+        def keep(point, value):
+            if point in stream:
+                stream[point](value)
+            else:
+                sink[point] = value
 
         def store_output(point, pick=_first):
-            return lambda module, args, output: sink.__setitem__(point, pick(output).detach())
+            return lambda module, args, output: keep(point, pick(output).detach())
 
         def store_input(point):
             def hook(module, args, kwargs):
                 value = args[0] if args else kwargs["hidden_states"]
-                sink[point] = value.detach()
+                keep(point, value.detach())
             return hook
 
         try:
@@ -182,7 +204,7 @@ class TransformerLensBackend:
                 tokenizer=loaded.tokenizer)
         return self._bridges[key]
 
-    def run(self, loaded, input_ids, wanted):
+    def run(self, loaded, input_ids, wanted, stream=None):
         bridge = self.bridge(loaded)
         names = {}
         for p in _needed(loaded, wanted):
@@ -214,7 +236,7 @@ class NNsightBackend:
             self._wrapped[key] = TransformersModel(loaded.model, tokenizer=loaded.tokenizer, task=task)
         return self._wrapped[key]
 
-    def run(self, loaded, input_ids, wanted):
+    def run(self, loaded, input_ids, wanted, stream=None):
         _check_pattern_support(loaded, wanted)
         envoy = self.wrapped(loaded)
         adapter = loaded.adapter

@@ -7,6 +7,7 @@ and drops them, so the memory held grows with the model, never with the corpus.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,7 +37,11 @@ class ReducerState(Protocol):
 
 
 class Reducer(Protocol):
-    """A frozen, declarative description of a streaming statistic."""
+    """A frozen, declarative description of a streaming statistic.
+
+    A reducer with `pointwise = True` takes its points one at a time, as soon as each is
+    produced (its state's `update` gets one point and a batch without logits), so that a
+    backend able to stream need not keep the batch's activations."""
 
     name: str
 
@@ -81,6 +86,21 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
+def _pointwise_consumers(loaded: LoadedModel, spec: ProbeSpec, states: dict) -> dict[Point, list]:
+    """The points that only pointwise reducers read, with the states that read each."""
+    readers: dict[Point, list] = {}
+    for reducer in spec.reducers:
+        for p in reducer.points(loaded):
+            readers.setdefault(p, []).append(reducer)
+    return {p: [states[r.name] for r in rs] for p, rs in readers.items()
+            if all(getattr(r, "pointwise", False) for r in rs)}
+
+
+def _fold_point(consumers: list, point: Point, batch: Batch, x: torch.Tensor) -> None:
+    for state in consumers:
+        state.update({point: x}, batch)
+
+
 def capture(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: str = "hooks",
             progress: bool = True) -> Capture:
     """Run the model over every window once and fold the activations into the spec's reducers."""
@@ -92,12 +112,16 @@ def capture(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend
     started = time.perf_counter()
     bar = tqdm(windows, total=len(windows), disable=not progress, unit="batch",
                desc=f"{loaded.spec.name} x {windows.n_tokens} tokens")
+    stream_to = _pointwise_consumers(loaded, spec, states)
     for input_ids in bar:
-        logits, acts = runner.run(loaded, input_ids, wanted)
-        batch = Batch(input_ids, logits, offset)
+        batch = Batch(input_ids, None, offset)
+        stream = {p: functools.partial(_fold_point, consumers, p, batch) for p, consumers in stream_to.items()}
+        batch.logits, acts = runner.run(loaded, input_ids, wanted, stream=stream)
         for reducer in spec.reducers:
-            states[reducer.name].update({p: acts[p] for p in reducer.points(loaded)}, batch)
-        del acts, logits
+            given = {p: acts[p] for p in reducer.points(loaded) if p in acts}
+            if given:
+                states[reducer.name].update(given, batch)
+        del acts, batch
         offset += input_ids.shape[0]
         peak = max(peak, tensor_bytes(states))
     return Capture(

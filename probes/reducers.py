@@ -28,6 +28,7 @@ class ResidualMoments:
 
     kinds: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
     name: str = "moments"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(k, l) for k in self.kinds for l in range(loaded.n_layers)]
@@ -44,16 +45,22 @@ class _MomentsState:
         self.max_abs = torch.full(shape, -1.0, dtype=torch.float64)
         # window, position, dim, token id of the largest |x|
         self.max_where = torch.zeros(*shape, 4, dtype=torch.long)
+        # The last tensor reduced, kept alive so that its address cannot be reused, with its figures.
+        self._last: tuple[torch.Tensor, tuple] | None = None
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        # resid_post[l] and resid_pre[l+1] are one tensor; reduce it once.
-        seen: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # resid_post[l] and resid_pre[l+1] are one tensor; reduce it once.  Streamed one point
+        # at a time, the two arrive in consecutive calls, hence the last tensor is remembered.
+        seen: dict[tuple, tuple[torch.Tensor, tuple]] = {}
+        if self._last is not None:
+            seen[_storage_key(self._last[0])] = self._last
         for (k, l), x in _by_index(acts, self.kinds):
-            key = (x.data_ptr(), tuple(x.shape))
+            key = _storage_key(x)
             if key not in seen:
                 value, flat = x.abs().flatten().max(dim=0)
-                seen[key] = (batch_moments(x), value, flat)
-            moments, value, flat = seen[key]
+                seen[key] = (x, (batch_moments(x), value, flat))
+            self._last = seen[key]
+            moments, value, flat = self._last[1]
             self.moments[k, l] += moments
             if value.item() > self.max_abs[k, l]:
                 window, pos, dim = torch.unravel_index(flat, x.shape)
@@ -62,8 +69,13 @@ class _MomentsState:
                     [window + batch.offset, pos, dim, batch.input_ids[window, pos]])
 
     def result(self) -> dict[str, torch.Tensor]:
+        self._last = None
         return {"kinds": list(self.kinds), "moments": self.moments, "max_abs": self.max_abs,
                 "max_where": self.max_where}
+
+
+def _storage_key(x: torch.Tensor) -> tuple:
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride())
 
 
 def _by_index(acts: Activations, kinds: tuple[str, ...]):

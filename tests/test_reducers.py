@@ -1,9 +1,10 @@
 import torch
 
 from layerscope.analysis.residual_stats import PROBE, residual_stats
-from layerscope.probes.capture import capture
+from layerscope.probes.backends import get_backend, points
+from layerscope.probes.capture import ProbeSpec, capture
 from layerscope.probes.corpus import CorpusSpec, token_windows
-from layerscope.probes.reducers import FIRST, MOMENT_FIELDS, REST, fold_moments, moment_summary
+from layerscope.probes.reducers import FIRST, MOMENT_FIELDS, REST, ResidualMoments, fold_moments, moment_summary
 
 
 def test_moments_match_torch_var_and_norm():
@@ -48,3 +49,33 @@ def test_reducer_memory_does_not_grow_with_corpus_length(tiny_models):
     assert long.n_tokens == 4 * short.n_tokens
     assert short.peak_state_bytes > 0
     assert long.peak_state_bytes == short.peak_state_bytes
+
+
+class _KeptMoments(ResidualMoments):
+    """The same statistic, read after the pass instead of streamed."""
+
+    pointwise = False
+
+
+def test_streamed_moments_equal_moments_read_after_the_pass(tiny_models):
+    for family in ("llama", "gpt2", "bert"):
+        loaded = tiny_models[family]
+        windows = _windows(loaded, 1024)
+        streamed = capture(loaded, windows, PROBE, progress=False)["moments"]
+        kept = capture(loaded, windows, ProbeSpec(reducers=(_KeptMoments(),)), progress=False)["moments"]
+        for field in ("moments", "max_abs", "max_where"):
+            assert torch.equal(streamed[field], kept[field]), (family, field)
+
+
+def test_hooks_backend_hands_streamed_points_over_in_execution_order(tiny_models, token_batch):
+    loaded = tiny_models["llama"]
+    wanted = points(["resid_pre", "resid_mid", "resid_post", "mlp_out"], loaded.n_layers)
+    _, reference = get_backend("hooks").run(loaded, token_batch, wanted)
+    received = []
+    stream = {p: (lambda x, p=p: received.append((p, x))) for p in wanted if p.kind != "mlp_out"}
+    _, kept = get_backend("hooks").run(loaded, token_batch, wanted, stream=stream)
+    assert set(kept) == {p for p in wanted if p.kind == "mlp_out"}
+    order = [(p.layer, ("resid_pre", "resid_mid", "resid_post").index(p.kind)) for p, _ in received]
+    assert order == sorted(order) and len(order) == len(stream)
+    for p, x in received:
+        assert torch.equal(x, reference[p]), p

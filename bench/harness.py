@@ -1,0 +1,142 @@
+"""What every benchmark shares: alternating timed repeats, runs in fresh processes that
+report their peak RSS, the comparison that keeps a fast wrong answer from winning, and the
+results file each script leaves for `bench/run_all.py` to gather into RESULTS.md.
+
+Claims are ratios of medians measured side by side in one run; absolute times are
+reported only as context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPEATS = 5
+RESULTS_DIR = Path(__file__).with_name("results")
+AGREEMENT_RTOL = 1e-4
+MODEL = "smollm2-135m"
+# Every case reads the default corpus in the default window length, eight windows a batch.
+SEQ_LEN = 128
+BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and range of repeated measurements."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Spread":
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+
+def alternate(runs: dict[str, Callable[[], Any]], repeats: int = REPEATS) -> dict[str, list[float]]:
+    """Wall seconds of each run, in rounds A, B, A, B, ... after one untimed warm-up round."""
+    for run in runs.values():
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run `script --child ARGS` in a fresh interpreter and return the JSON it prints last."""
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{Path(script).name} --child {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def emit(payload: dict) -> None:
+    """A child's report to its parent: one JSON line on stdout."""
+    print(json.dumps(payload), flush=True)
+
+
+def max_relative_difference(ours: dict[str, float], theirs: dict[str, float]) -> float:
+    """Largest |ours - theirs| / |theirs| over the keys both hold."""
+    common = ours.keys() & theirs.keys()
+    if not common:
+        raise SystemExit("the two results share no value to compare")
+    return max(abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-30) for k in common)
+
+
+def check_agreement(label: str, ours: dict[str, float], theirs: dict[str, float]) -> str:
+    """Stop the benchmark unless the two agree to AGREEMENT_RTOL; else a line for RESULTS.md."""
+    worst = max_relative_difference(ours, theirs)
+    common = len(ours.keys() & theirs.keys())
+    if not worst <= AGREEMENT_RTOL:
+        raise SystemExit(f"{label}: results differ by {worst:.3g} relative (tolerance {AGREEMENT_RTOL}); "
+                         "the timing would compare different answers")
+    return f"{label}: {common} values agree, largest relative difference {worst:.2g} (tolerance {AGREEMENT_RTOL:g})"
+
+
+def verdict(passed: bool) -> str:
+    return "pass" if passed else "miss"
+
+
+@dataclass
+class Section:
+    """One script's part of RESULTS.md: timed rows, targets, agreement checks and notes."""
+
+    name: str
+    title: str
+    setup: str
+    rows: list[dict] = field(default_factory=list)
+    targets: list[dict] = field(default_factory=list)
+    agreement: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, label: str, seconds: Spread | None = None, **extra: Any) -> None:
+        entry = {"label": label, **extra}
+        if seconds is not None:
+            entry["seconds"] = asdict(seconds)
+        self.rows.append(entry)
+
+    def target(self, claim: str, figure: float, limit: float, unit: str = "x") -> bool:
+        passed = figure <= limit
+        self.targets.append({"claim": claim, "figure": figure, "limit": limit, "unit": unit,
+                             "verdict": verdict(passed)})
+        print(f"{claim}: {figure:.3f}{unit} (target <= {limit:g}{unit}: {verdict(passed)})", flush=True)
+        return passed
+
+    def save(self) -> Path:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        path = RESULTS_DIR / f"{self.name}.json"
+        write_atomic(path, json.dumps(asdict(self), indent=1))
+        return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,152 @@
+"""Residual capture of every layer of smollm2-135m over 8k tokens of the default corpus:
+layerscope's streaming residual-stats against TransformerLens `run_with_cache` (with a
+`names_filter` for the same residual points, and caching every hook), nnsight saving
+every layer's output, and a plain HF forward with `output_hidden_states`; then
+residual-stats at 2k, 8k and 32k tokens.
+
+Every run is a fresh process that loads the model, warms up on one batch, times one pass
+over the corpus and reports its peak RSS; the methods take turns, round after round.
+Peers time only their library calls; layerscope's time includes its statistics.  Each
+peer's residual statistics must match layerscope's to 1e-4 relative before any timing
+counts.  Targets: layerscope at most 1.15x the HF forward in time and at most 0.5x
+`run_with_cache` without a filter in peak RSS; peak RSS at 32k tokens within 15% of 2k.
+
+    .venv/bin/python bench/residual_capture.py [--repeats 5] [--tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from harness import (MODEL, REPEATS, SEQ_LEN, BATCH_SIZE, Section, Spread, check_agreement, emit, peak_rss_bytes,
+                     run_child)
+
+METHODS = ("layerscope", "transformer_lens_filtered", "transformer_lens_all", "nnsight", "hf_hidden_states")
+LABELS = {
+    "layerscope": "layerscope residual-stats (streamed, resid_pre/mid/post)",
+    "transformer_lens_filtered": "TransformerLens run_with_cache, names_filter for resid_pre/mid/post",
+    "transformer_lens_all": "TransformerLens run_with_cache, no filter",
+    "nnsight": "nnsight trace saving every layer's output",
+    "hf_hidden_states": "plain HF forward, output_hidden_states",
+}
+SCALING_TOKENS = (2048, 8192, 32768)
+STATS = ("mean_norm", "variance", "max_abs")
+
+
+def child(method: str, tokens: int) -> None:
+    """Load, warm up on one batch, time one pass over `tokens` tokens, report figures."""
+    import torch
+
+    from layerscope.probes.corpus import CorpusSpec, token_windows
+    from layerscope.probes.zoo import load_model
+
+    loaded = load_model(MODEL)
+    windows = token_windows(CorpusSpec("stdlib", seq_len=SEQ_LEN, max_tokens=tokens, batch_size=BATCH_SIZE),
+                            loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+    warm_up = windows.head(SEQ_LEN * BATCH_SIZE)
+    if method == "layerscope":
+        from layerscope.analysis import residual_stats
+        from layerscope.analysis.metric import NoOptions
+
+        def measure(batches):
+            started = time.perf_counter()
+            table = residual_stats.run(loaded, batches, NoOptions())["residual_stats"]
+            values = {f"{row.point}.{row.layer}.{stat}": float(getattr(row, stat))
+                      for row in table.itertuples() for stat in STATS}
+            return time.perf_counter() - started, values
+    elif method.startswith("transformer_lens"):
+        from transformer_lens.model_bridge import TransformerBridge
+
+        from peers import transformer_lens_residuals
+
+        bridge = TransformerBridge.boot_transformers(loaded.config._name_or_path or MODEL, hf_model=loaded.model,
+                                                     tokenizer=loaded.tokenizer)
+        filtered = method.endswith("filtered")
+
+        def measure(batches):
+            return transformer_lens_residuals(bridge, batches, loaded.n_layers, filtered)
+    elif method == "nnsight":
+        from nnsight.modeling.transformers import TransformersModel
+
+        from peers import nnsight_layer_outputs
+
+        envoy = TransformersModel(loaded.model, tokenizer=loaded.tokenizer, task="text-generation")
+
+        def measure(batches):
+            return nnsight_layer_outputs(envoy, batches)
+    else:
+        from peers import hf_hidden_states
+
+        def measure(batches):
+            return hf_hidden_states(loaded.model, batches)
+
+    measure(warm_up)
+    seconds, values = measure(windows)
+    emit({"method": method, "tokens": windows.n_tokens, "seconds": seconds, "rss_bytes": peak_rss_bytes(),
+          "threads": torch.get_num_threads(), "values": values})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "TOKENS"))
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return
+
+    def run(method: str, tokens: int) -> dict:
+        result = run_child(__file__, method, str(tokens))
+        print(f"  {method:26s} {result['tokens']:6d} tokens {result['seconds']:7.2f} s "
+              f"peak RSS {result['rss_bytes'] / 2**20:7.0f} MiB", flush=True)
+        return result
+
+    # The first child also reads the model from disk into the page cache for the rest.
+    smallest = run("layerscope", SCALING_TOKENS[0])
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for _ in range(args.repeats):
+        for method in METHODS:
+            runs[method].append(run(method, args.tokens))
+    largest = run("layerscope", SCALING_TOKENS[-1])
+
+    section = Section("residual_capture", f"Residual capture of all layers over {args.tokens // 1024}k tokens",
+                      f"{MODEL}, stdlib corpus, windows of {SEQ_LEN} tokens, {BATCH_SIZE} a batch; each run a fresh "
+                      f"process (load, one warm-up batch, one timed pass); {args.repeats} rounds, methods in turn.")
+    ours = runs["layerscope"][0]["values"]
+    for method in METHODS[1:]:
+        for result in runs[method]:
+            check_agreement(f"{LABELS[method]} vs layerscope", ours, result["values"])
+        section.agreement.append(check_agreement(f"{LABELS[method]}: residual mean norm, variance and max|x| per "
+                                                 "layer vs layerscope", ours, runs[method][0]["values"]))
+    seconds = {m: Spread.of([r["seconds"] for r in rs]) for m, rs in runs.items()}
+    rss = {m: Spread.of([r["rss_bytes"] / 2**20 for r in rs]) for m, rs in runs.items()}
+    for method in METHODS:
+        section.row(LABELS[method], seconds[method], peak_rss_mib=rss[method].median,
+                    time_vs_layerscope=seconds[method].median / seconds["layerscope"].median)
+    section.target("layerscope time / plain HF forward with output_hidden_states",
+                   seconds["layerscope"].median / seconds["hf_hidden_states"].median, 1.15)
+    section.target("layerscope peak RSS / TransformerLens run_with_cache without a filter",
+                   rss["layerscope"].median / rss["transformer_lens_all"].median, 0.5)
+
+    scaling = Section("scaling", "Scaling of residual-stats with corpus length",
+                      f"{MODEL}, stdlib corpus, layerscope residual-stats, one fresh process per length "
+                      f"(8k: the median of the rounds above).")
+    by_length = {SCALING_TOKENS[0]: (Spread.of([smallest["seconds"]]), smallest["rss_bytes"] / 2**20),
+                 args.tokens: (seconds["layerscope"], rss["layerscope"].median),
+                 SCALING_TOKENS[-1]: (Spread.of([largest["seconds"]]), largest["rss_bytes"] / 2**20)}
+    base_seconds, base_rss = by_length[SCALING_TOKENS[0]]
+    for tokens, (secs, rss_mib) in sorted(by_length.items()):
+        scaling.row(f"{tokens} tokens", secs, peak_rss_mib=rss_mib, seconds_per_1k_tokens=secs.median / tokens * 1024,
+                    time_vs_2k=secs.median / base_seconds.median, rss_vs_2k=rss_mib / base_rss)
+    scaling.target(f"peak RSS at {SCALING_TOKENS[-1]} tokens / at {SCALING_TOKENS[0]} tokens",
+                   largest["rss_bytes"] / smallest["rss_bytes"], 1.15)
+    scaling.notes.append(f"time per 1k tokens: {smallest['seconds'] / smallest['tokens'] * 1024:.2f} s at 2k, "
+                         f"{largest['seconds'] / largest['tokens'] * 1024:.2f} s at 32k (linear growth keeps it level)")
+    section.save()
+    scaling.save()
+
+
+if __name__ == "__main__":
+    main()
