@@ -45,6 +45,17 @@ class Spread:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
 
+def corpus_windows(loaded, tokens: int, seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE):
+    """`tokens` tokens of the default corpus in the benchmarks' windows and batches."""
+    from layerscope.probes.corpus import CorpusSpec, token_windows
+
+    windows = token_windows(CorpusSpec("stdlib", seq_len=seq_len, max_tokens=tokens, batch_size=batch_size),
+                            loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+    if windows.n_tokens != tokens:
+        raise SystemExit(f"the default corpus gave {windows.n_tokens} tokens, not {tokens}")
+    return windows
+
+
 def alternate(runs: dict[str, Callable[[], Any]], repeats: int = REPEATS) -> dict[str, list[float]]:
     """Wall seconds of each run, in rounds A, B, A, B, ... after one untimed warm-up round."""
     for run in runs.values():

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness import (MODEL, REPEATS, SEQ_LEN, BATCH_SIZE, Section, Spread, check_agreement, emit, peak_rss_bytes,
-                     run_child)
+from harness import (BATCH_SIZE, MODEL, REPEATS, SEQ_LEN, Section, Spread, check_agreement, corpus_windows, emit,
+                     peak_rss_bytes, run_child)
 
 METHODS = ("layerscope", "transformer_lens_filtered", "transformer_lens_all", "nnsight", "hf_hidden_states")
 LABELS = {
@@ -38,12 +38,10 @@ def child(method: str, tokens: int) -> None:
     """Load, warm up on one batch, time one pass over `tokens` tokens, report figures."""
     import torch
 
-    from layerscope.probes.corpus import CorpusSpec, token_windows
     from layerscope.probes.zoo import load_model
 
     loaded = load_model(MODEL)
-    windows = token_windows(CorpusSpec("stdlib", seq_len=SEQ_LEN, max_tokens=tokens, batch_size=BATCH_SIZE),
-                            loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+    windows = corpus_windows(loaded, tokens)
     warm_up = windows.head(SEQ_LEN * BATCH_SIZE)
     if method == "layerscope":
         from layerscope.analysis import residual_stats

@@ -97,10 +97,11 @@ def _derive_resid_mid(loaded: LoadedModel, acts: Activations, wanted: list[Point
 def _needed(loaded: LoadedModel, wanted: list[Point]) -> list[Point]:
     """The points to read, including those a derived point is computed from."""
     extra = [source for p in wanted if _is_derived(loaded, p) for source in _derivation_sources(p)]
-    return sorted(set(wanted) | set(extra), key=_execution_order)
+    return sorted(set(wanted) | set(extra), key=execution_order)
 
 
-def _execution_order(p: Point) -> tuple:
+def execution_order(p: Point) -> tuple:
+    """Sort key: the order in which a forward pass produces the points."""
     if p.layer is None:
         return (10**9, 0)
     return (p.layer, LAYER_KINDS.index(p.kind))

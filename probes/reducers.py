@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
-from layerscope.probes.backends import Activations, Point
+from layerscope.probes.backends import Activations, Point, execution_order
 from layerscope.probes.capture import Batch
 from layerscope.probes.zoo import LoadedModel
 
@@ -112,20 +112,19 @@ def moment_summary(moments: Float[torch.Tensor, "... 2 field"], slot: int) -> di
     return {"mean_norm": sum_norm / tokens, "mean": mean, "variance": variance, "std": variance.clamp_min(0).sqrt()}
 
 
-def _cosine(a: Float[torch.Tensor, "batch pos d_model"], b: Float[torch.Tensor, "batch pos d_model"]
-            ) -> Float[torch.Tensor, "batch pos"]:
-    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
-
-
 @dataclass(frozen=True)
 class LayerCosines:
     """Per layer, token sums of cos(resid_pre, resid_post), cos(resid_pre, resid_mid) and
     cos(resid_mid, resid_post); with `span` n > 0 also of the angular distance
-    arccos(cos(resid_pre[l], resid_post[l+n-1]))/pi.  `exclude_first` drops position 0."""
+    arccos(cos(resid_pre[l], resid_post[l+n-1]))/pi.  `exclude_first` drops position 0.
+
+    Pointwise: a layer's cosines are taken when its resid_post arrives, so a streaming
+    backend leaves only the current layer's points (and `span` earlier inputs) in memory."""
 
     span: int = 0
     exclude_first: bool = False
     name: str = "cosines"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(k, l) for k in ("resid_pre", "resid_mid", "resid_post") for l in range(loaded.n_layers)]
@@ -142,28 +141,64 @@ class _CosinesState:
         self.n_layers = n_layers
         self.sums = torch.zeros(n_layers, len(self.FIELDS), dtype=torch.float64)
         self.tokens = 0
+        # Points of the current layer in float64 with their token norms, and the inputs an
+        # angular span still needs, by layer.
+        self.waiting: dict[Point, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.span_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # resid_post[l] is resid_pre[l+1]: the last tensor seen is kept alive (so that its
+        # address cannot be reused) with its conversion, which the next point may share.
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def update(self, acts: Activations, batch: Batch) -> None:
         start = 1 if self.spec.exclude_first else 0
-        get = lambda kind, layer: acts[Point(kind, layer)][:, start:]
-        for layer in range(self.n_layers):
-            pre, mid, post = get("resid_pre", layer), get("resid_mid", layer), get("resid_post", layer)
-            self.sums[layer, 0] += _cosine(pre, post).sum()
-            self.sums[layer, 1] += _cosine(pre, mid).sum()
-            self.sums[layer, 2] += _cosine(mid, post).sum()
-            end = layer + self.spec.span - 1
-            if self.spec.span > 0 and end < self.n_layers:
-                cos = _cosine(pre, get("resid_post", end)).clamp(-1, 1)
-                self.sums[layer, 3] += (torch.arccos(cos) / torch.pi).sum()
-        self.tokens += pre.shape[0] * pre.shape[1]
+        for p in sorted(acts, key=execution_order):
+            x = acts[p]
+            if self._last is None or _storage_key(self._last[0]) != _storage_key(x):
+                wide = x[:, start:].double()
+                self._last = (x, (wide, wide.norm(dim=-1)))
+            self.waiting[p] = self._last[1]
+            if p.kind == "resid_post":
+                self._close(p.layer)
+
+    def _close(self, layer: int) -> None:
+        pre, mid, post = (self.waiting.pop(Point(kind, layer)) for kind in ("resid_pre", "resid_mid", "resid_post"))
+        self.sums[layer, 0] += _cosine_sum(pre, post)
+        self.sums[layer, 1] += _cosine_sum(pre, mid)
+        self.sums[layer, 2] += _cosine_sum(mid, post)
+        if layer == 0:
+            self.tokens += pre[1].numel()
+        span = self.spec.span
+        if span > 0:
+            self.span_inputs[layer] = pre
+            first = layer - span + 1
+            if first >= 0:
+                start = self.span_inputs.pop(first)
+                cos = (_dot(start, post) / (start[1] * post[1]).clamp_min(_EPS)).clamp(-1, 1)
+                self.sums[first, 3] += (torch.arccos(cos) / torch.pi).sum()
+            if layer == self.n_layers - 1:
+                self.span_inputs.clear()
 
     def result(self) -> dict:
+        self._last = None
         mean = self.sums / self.tokens
         if self.spec.span > 0:
             mean[self.n_layers - self.spec.span + 1:, 3] = float("nan")
         else:
             mean[:, 3] = float("nan")
         return {"fields": list(self.FIELDS), "mean": mean, "tokens": self.tokens}
+
+
+# torch.nn.functional.cosine_similarity's floor on the product of norms
+_EPS = 1e-8
+
+
+def _dot(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> Float[torch.Tensor, "batch pos"]:
+    return (a[0] * b[0]).sum(dim=-1)
+
+
+def _cosine_sum(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Token sum of cos(a, b), from float64 values and their precomputed token norms."""
+    return (_dot(a, b) / (a[1] * b[1]).clamp_min(_EPS)).sum()
 
 
 @dataclass(frozen=True)

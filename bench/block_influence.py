@@ -1,0 +1,59 @@
+"""Block Influence of every block of smollm2-135m over 8k tokens of the default corpus:
+layerscope's block-influence against ShortGPT's loop over HF `hidden_states` (Men et al.
+2024), in one process, taking turns after a warm-up.
+
+layerscope's answer must match the loop's to 1e-4 relative before the timing counts.
+The loop's last value compares the last block's input with the final norm's output, so
+the last block is left out of that check (layerscope reads the raw block output).
+Target: layerscope at most 1.1x the loop's time.
+
+    .venv/bin/python bench/block_influence.py [--repeats 5] [--tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from harness import (BATCH_SIZE, MODEL, REPEATS, SEQ_LEN, Section, Spread, alternate, check_agreement,
+                     corpus_windows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--tokens", type=int, default=8192)
+    args = parser.parse_args()
+
+    from layerscope.analysis import block_influence
+    from layerscope.probes.zoo import load_model
+    from peers import shortgpt_block_influence
+
+    loaded = load_model(MODEL)
+    windows = corpus_windows(loaded, args.tokens)
+    options = block_influence.BlockInfluenceOptions()
+    answers = {}
+
+    def ours():
+        answers["layerscope"] = block_influence.run(loaded, windows, options)["block_influence"]
+
+    def loop():
+        answers["shortgpt"] = shortgpt_block_influence(loaded.model, windows)
+
+    seconds = {name: Spread.of(values) for name, values in
+               alternate({"layerscope": ours, "shortgpt": loop}, args.repeats).items()}
+    compared = range(loaded.n_layers - 1)
+    section = Section("block_influence", f"Block Influence over {args.tokens // 1024}k tokens",
+                      f"{MODEL}, stdlib corpus, windows of {SEQ_LEN} tokens, {BATCH_SIZE} a batch; one process, "
+                      f"a warm-up round, then {args.repeats} rounds taking turns.")
+    section.agreement.append(check_agreement(
+        f"Block Influence of blocks 0-{loaded.n_layers - 2} vs the ShortGPT loop",
+        {str(l): answers["layerscope"]["block_influence"][l] for l in compared},
+        {str(l): answers["shortgpt"][l] for l in compared}))
+    section.row("layerscope block-influence (block, attention and MLP influence)", seconds["layerscope"])
+    section.row("ShortGPT loop over HF output_hidden_states (block influence)", seconds["shortgpt"])
+    section.target("layerscope time / ShortGPT loop", seconds["layerscope"].median / seconds["shortgpt"].median, 1.1)
+    section.save()
+
+
+if __name__ == "__main__":
+    main()
