@@ -87,21 +87,21 @@ def emit(payload: dict) -> None:
     print(json.dumps(payload), flush=True)
 
 
-def max_relative_difference(ours: dict[str, float], theirs: dict[str, float]) -> float:
-    """Largest |ours - theirs| / |theirs| over the keys both hold."""
+def max_relative_difference(ours: dict[str, float], theirs: dict[str, float]) -> tuple[float, str]:
+    """Largest |ours - theirs| / |theirs| over the keys both hold, and its key."""
     common = ours.keys() & theirs.keys()
     if not common:
         raise SystemExit("the two results share no value to compare")
-    return max(abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-30) for k in common)
+    return max((abs(ours[k] - theirs[k]) / max(abs(theirs[k]), 1e-30), k) for k in common)
 
 
 def check_agreement(label: str, ours: dict[str, float], theirs: dict[str, float]) -> str:
     """Stop the benchmark unless the two agree to AGREEMENT_RTOL; else a line for RESULTS.md."""
-    worst = max_relative_difference(ours, theirs)
+    worst, key = max_relative_difference(ours, theirs)
     common = len(ours.keys() & theirs.keys())
     if not worst <= AGREEMENT_RTOL:
-        raise SystemExit(f"{label}: results differ by {worst:.3g} relative (tolerance {AGREEMENT_RTOL}); "
-                         "the timing would compare different answers")
+        raise SystemExit(f"{label}: results differ by {worst:.3g} relative at {key} ({ours[key]!r} vs "
+                         f"{theirs[key]!r}; tolerance {AGREEMENT_RTOL}); the timing would compare different answers")
     return f"{label}: {common} values agree, largest relative difference {worst:.2g} (tolerance {AGREEMENT_RTOL:g})"
 
 

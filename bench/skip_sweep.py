@@ -1,52 +1,68 @@
-"""The layer-skip sweep over all blocks of smollm2-135m: prefix reuse against the naive
-sweep (one full forward per skipped block), side by side in one run.
+"""The layer-skip sweep over all 30 blocks of smollm2-135m: layerscope's sweep, which
+reuses the clean pass's prefix, against the naive loop of one nnsight trace per layer with
+that layer `.skip()`ped, in one process, taking turns after a warm-up.
 
-Both sweeps are checked to agree before timing; the claim is the ratio of medians over
-alternating repeats after a warm-up (target 0.6 or less for 30 layers).
+Both compute per skipped layer the cross-entropy, KL from the clean model, top-1
+agreement, the change of the final residual and each later block's change of
+contribution; every value must match to 1e-4 relative before the timing counts.
+Target: layerscope at most 0.6x the naive loop's time.
+
+    .venv/bin/python bench/skip_sweep.py [--repeats 5] [--tokens 128]
 """
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
+import argparse
+import copy
 
-import numpy as np
+from harness import MODEL, REPEATS, Section, Spread, alternate, check_agreement, corpus_windows
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from layerscope.analysis.layer_skip import skip_tables  # noqa: E402
-from layerscope.probes.corpus import CorpusSpec, token_windows  # noqa: E402
-from layerscope.probes.replay import skip_sweep  # noqa: E402
-from layerscope.probes.zoo import load_model  # noqa: E402
-
-REPEATS = 5
-TOKENS = 256
+TABLE_COLUMNS = ("ce_skipped", "kl", "top1_agreement", "final_change")
 
 
 def main() -> None:
-    loaded = load_model("smollm2-135m")
-    windows = token_windows(CorpusSpec("stdlib", seq_len=128, max_tokens=TOKENS, batch_size=2),
-                            loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    from nnsight.modeling.transformers import TransformersModel
+
+    from layerscope.analysis.layer_skip import skip_tables
+    from layerscope.probes.replay import skip_sweep
+    from layerscope.probes.zoo import load_model
+    from peers import nnsight_skip_sweep
+
+    loaded = load_model(MODEL)
+    windows = corpus_windows(loaded, args.tokens, seq_len=min(args.tokens, 128), batch_size=1)
+    # nnsight instruments every module it wraps; its copy keeps layerscope's model untouched.
+    envoy = TransformersModel(copy.deepcopy(loaded.model), tokenizer=loaded.tokenizer, task="text-generation")
     layers = list(range(loaded.n_layers))
-    sweeps = {"prefix_reuse": lambda: skip_sweep(loaded, windows, layers, reuse_prefix=True),
-              "naive": lambda: skip_sweep(loaded, windows, layers, reuse_prefix=False)}
-    fast, naive = (skip_tables(sweep())["layer_skip"] for sweep in sweeps.values())
-    numeric = fast.select_dtypes("number").columns
-    np.testing.assert_allclose(fast[numeric].to_numpy(), naive[numeric].to_numpy(), rtol=1e-5, atol=1e-7)
-    print(f"prefix reuse and naive sweeps agree to 1e-5 on all {len(layers)} skips")
-    timings = {name: [] for name in sweeps}
-    for _ in range(REPEATS):
-        for name, sweep in sweeps.items():
-            start = time.perf_counter()
-            sweep()
-            timings[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(values) for name, values in timings.items()}
-    for name, values in timings.items():
-        print(f"{name:13s} median {med[name]:.2f} s (min {min(values):.2f}, max {max(values):.2f}) "
-              f"over {REPEATS} alternating repeats, {windows.n_tokens} tokens")
-    ratio = med["prefix_reuse"] / med["naive"]
-    print(f"skip sweep, prefix reuse / naive: {ratio:.3f} (target <= 0.6: {'pass' if ratio <= 0.6 else 'miss'})")
+    answers = {}
+
+    def ours():
+        answers["layerscope"] = skip_tables(skip_sweep(loaded, windows, layers, reuse_prefix=True))
+
+    def naive():
+        answers["nnsight"] = nnsight_skip_sweep(envoy, windows, loaded.n_layers)
+
+    seconds = {name: Spread.of(values) for name, values in
+               alternate({"layerscope": ours, "nnsight": naive}, args.repeats).items()}
+    table, future = answers["layerscope"]["layer_skip"], answers["layerscope"]["skip_future"]
+    values = {f"{row.layer}.{column}": float(getattr(row, column))
+              for row in table.itertuples() for column in TABLE_COLUMNS}
+    values |= {f"{row.skipped_layer}.future.{row.later_layer}": row.effect for row in future.itertuples()}
+    section = Section("skip_sweep", f"Skip sweep over all {loaded.n_layers} blocks",
+                      f"{MODEL}, {windows.n_tokens} tokens of the stdlib corpus in windows of {windows.input_ids.shape[1]}; "
+                      f"one process, a warm-up round, then {args.repeats} rounds taking turns.")
+    section.agreement.append(check_agreement(
+        "cross-entropy, KL, top-1 agreement, final-residual change and later blocks' change per skipped block "
+        "vs the nnsight loop", values, answers["nnsight"]))
+    section.row("layerscope skip sweep (clean prefix reused)", seconds["layerscope"])
+    section.row("nnsight, one .skip() trace per block", seconds["nnsight"])
+    section.target("layerscope time / naive nnsight loop", seconds["layerscope"].median / seconds["nnsight"].median,
+                   0.6)
+    section.save()
 
 
 if __name__ == "__main__":

@@ -257,14 +257,14 @@ class _LensState:
         self.grid: dict[str, torch.Tensor] = {}
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        from layerscope.probes.replay import compare_to_reference, next_token_logprobs, unembed
+        from layerscope.probes.replay import Reference, compare_to_reference, unembed
 
         targets = batch.input_ids[:, 1:]
-        final = next_token_logprobs(batch.logits)
+        final = Reference.of(batch.logits, batch.input_ids)
         top_ids, top_probs = [], []
         for layer in range(self.loaded.n_layers):
             logits = unembed(self.loaded, acts[Point("resid_post", layer)])
-            compared = compare_to_reference(logits, final, batch.input_ids)
+            compared = compare_to_reference(logits, final)
             self.sums[layer] += torch.tensor([compared["ce"], compared["correct"], compared["kl"]], dtype=torch.float64)
             if batch.offset == 0:
                 prob, token = torch.softmax(logits[0], dim=-1).max(dim=-1)

@@ -117,18 +117,35 @@ def next_token_logprobs(logits: Float[torch.Tensor, "batch pos vocab"]) -> Float
     return torch.log_softmax(logits[:, :-1], dim=-1)
 
 
-def compare_to_reference(logits: Float[torch.Tensor, "batch pos vocab"],
-                         reference_logprobs: Float[torch.Tensor, "batch pos_minus_1 vocab"],
-                         input_ids: Int[torch.Tensor, "batch pos"]) -> dict[str, float]:
+@dataclass
+class Reference:
+    """The clean model's next-token distribution over one batch, prepared once so that many
+    variants can be compared with it cheaply."""
+
+    input_ids: Int[torch.Tensor, "batch pos"]
+    logprobs: Float[torch.Tensor, "batch pos_minus_1 vocab"]
+    probs: Float[torch.Tensor, "batch pos_minus_1 vocab"]
+    top: Int[torch.Tensor, "batch pos_minus_1"]
+
+    @classmethod
+    def of(cls, logits: Float[torch.Tensor, "batch pos vocab"], input_ids: Int[torch.Tensor, "batch pos"]) -> "Reference":
+        logprobs = next_token_logprobs(logits)
+        return cls(input_ids, logprobs, logprobs.exp(), logprobs.argmax(-1))
+
+
+def compare_to_reference(logits: Float[torch.Tensor, "batch pos vocab"], reference: Reference) -> dict[str, float]:
     """Token sums over next-token positions: cross-entropy, KL(reference || these logits),
     top-1 agreement with the reference and top-1 accuracy on the corpus."""
     logprobs = next_token_logprobs(logits)
     top = logprobs.argmax(-1)
+    targets = reference.input_ids[:, 1:]
     return {
-        "ce": -logprobs.gather(-1, input_ids[:, 1:, None]).sum().item(),
-        "kl": torch.nn.functional.kl_div(logprobs, reference_logprobs, log_target=True, reduction="sum").item(),
-        "agree": (top == reference_logprobs.argmax(-1)).sum().item(),
-        "correct": (top == input_ids[:, 1:]).sum().item(),
+        "ce": -logprobs.gather(-1, targets[..., None]).sum().item(),
+        # The difference first, so that a small KL does not cancel; torch's summation (not a
+        # BLAS dot, whose float32 accumulator drifts over millions of terms).
+        "kl": (reference.probs * (reference.logprobs - logprobs)).sum().item(),
+        "agree": (top == reference.top).sum().item(),
+        "correct": (top == targets).sum().item(),
     }
 
 
@@ -145,6 +162,20 @@ class SkipSweep:
     final_change: torch.Tensor      # [skipped]  ||h'_L - h_L|| / ||h_L||, non-first positions
     future: torch.Tensor            # [skipped, layer]  ||c_m - c'_m|| / ||c_m||, non-first positions
     tokens: int                     # next-token positions = non-first positions
+
+
+# Unembedding a few variants together reads the (large) unembedding matrix once for all.
+UNEMBED_TOKENS = 1024
+
+
+def _compare_pending(loaded: LoadedModel, pending: list[tuple[int, torch.Tensor]], reference: Reference,
+                     sums: dict[str, torch.Tensor]) -> None:
+    logits = unembed(loaded, torch.cat([final for _, final in pending]))
+    for (i, _), variant in zip(pending, logits.split(reference.input_ids.shape[0])):
+        compared = compare_to_reference(variant, reference)
+        sums["ce"][i] += compared["ce"]
+        sums["kl"][i] += compared["kl"]
+        sums["top1"][i] += compared["agree"]
 
 
 @torch.no_grad()
@@ -166,9 +197,10 @@ def skip_sweep(loaded: LoadedModel, batches, layers: list[int], part: SkipPart =
         clean = record_clean_pass(loaded, input_ids)
         if causal:
             ce_full += next_token_ce(clean.logits, input_ids).sum().item()
-            full_logprobs = next_token_logprobs(clean.logits)
+            reference = Reference.of(clean.logits, input_ids)
         clean_contribs = [clean.contribution(m)[:, 1:].double() for m in range(n)]
         final_norm = clean.final_resid[:, 1:].double().norm(dim=-1)
+        pending: list[tuple[int, torch.Tensor]] = []
         for i, layer in enumerate(layers):
             if reuse_prefix:
                 final, contribs = skip_and_continue(loaded, clean, layer, part)
@@ -186,10 +218,10 @@ def skip_sweep(loaded: LoadedModel, batches, layers: list[int], part: SkipPart =
                 change = (contribution[:, 1:].double() - clean_contribs[m]).norm(dim=-1)
                 future[i, m] += (change / clean_contribs[m].norm(dim=-1).clamp_min(1e-12)).sum()
             if causal:
-                compared = compare_to_reference(unembed(loaded, final), full_logprobs, input_ids)
-                sums["ce"][i] += compared["ce"]
-                sums["kl"][i] += compared["kl"]
-                sums["top1"][i] += compared["agree"]
+                pending.append((i, final))
+                if len(pending) * input_ids.numel() >= UNEMBED_TOKENS or i == k - 1:
+                    _compare_pending(loaded, pending, reference, sums)
+                    pending = []
             if progress is not None:
                 progress.update(1)
         tokens += input_ids.shape[0] * (input_ids.shape[1] - 1)
