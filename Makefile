@@ -28,11 +28,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/capture_overhead.py
-	$(BIN)/python bench/skip_sweep.py
-	$(BIN)/python bench/outlier_memory.py
-	$(BIN)/python bench/ln_removal_step.py
-	$(BIN)/python bench/app_reopen.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) runs

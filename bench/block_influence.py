@@ -33,18 +33,20 @@ def main() -> None:
     options = block_influence.BlockInfluenceOptions()
     answers = {}
 
-    def ours():
-        answers["layerscope"] = block_influence.run(loaded, windows, options)["block_influence"]
+    def ours(batches=windows):
+        answers["layerscope"] = block_influence.run(loaded, batches, options)["block_influence"]
 
-    def loop():
-        answers["shortgpt"] = shortgpt_block_influence(loaded.model, windows)
+    def loop(batches=windows):
+        answers["shortgpt"] = shortgpt_block_influence(loaded.model, batches)
 
-    seconds = {name: Spread.of(values) for name, values in
-               alternate({"layerscope": ours, "shortgpt": loop}, args.repeats).items()}
+    warm_up = windows.head(SEQ_LEN * BATCH_SIZE)
+    seconds = {name: Spread.of(values) for name, values in alternate(
+        {"layerscope": ours, "shortgpt": loop}, args.repeats,
+        warm_ups={"layerscope": lambda: ours(warm_up), "shortgpt": lambda: loop(warm_up)}).items()}
     compared = range(loaded.n_layers - 1)
     section = Section("block_influence", f"Block Influence over {args.tokens // 1024}k tokens",
                       f"{MODEL}, stdlib corpus, windows of {SEQ_LEN} tokens, {BATCH_SIZE} a batch; one process, "
-                      f"a warm-up round, then {args.repeats} rounds taking turns.")
+                      f"a warm-up batch each, then {args.repeats} rounds taking turns.")
     section.agreement.append(check_agreement(
         f"Block Influence of blocks 0-{loaded.n_layers - 2} vs the ShortGPT loop",
         {str(l): answers["layerscope"]["block_influence"][l] for l in compared},

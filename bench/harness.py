@@ -56,10 +56,12 @@ def corpus_windows(loaded, tokens: int, seq_len: int = SEQ_LEN, batch_size: int 
     return windows
 
 
-def alternate(runs: dict[str, Callable[[], Any]], repeats: int = REPEATS) -> dict[str, list[float]]:
-    """Wall seconds of each run, in rounds A, B, A, B, ... after one untimed warm-up round."""
-    for run in runs.values():
-        run()
+def alternate(runs: dict[str, Callable[[], Any]], repeats: int = REPEATS,
+              warm_ups: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of each run, in rounds A, B, A, B, ... after one untimed warm-up round
+    (of `warm_ups`, shorter versions of the runs, when given)."""
+    for warm_up in (warm_ups or runs).values():
+        warm_up()
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():

@@ -59,18 +59,25 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.tokens[0])
         return
+    from harness import Section, Spread
+
     small, large = args.tokens
     print(f"{args.model}, stdlib corpus, windows of 128 tokens, batches of 8, hooks backend")
+    section = Section("outlier_memory", "Memory of the outlier captures with corpus length",
+                      f"{args.model}, stdlib corpus, windows of 128 tokens, 8 a batch, hooks backend; one fresh "
+                      f"process per (measurement, length).")
     for measurement in MEASUREMENTS:
         runs = {n: measure(measurement, args.model, n) for n in (small, large)}
         for n, r in runs.items():
+            section.row(f"{measurement} over {r['tokens']} tokens", Spread.of([r["seconds"]]),
+                        peak_rss_mib=r["rss_bytes"] / 2**20, reducer_state_mib=r["state_bytes"] / 2**20)
             print(f"{measurement:8s} {r['tokens']:6d} tokens: reducer state {r['state_bytes'] / 2**20:8.3f} MiB, "
                   f"peak RSS {r['rss_bytes'] / 2**20:8.1f} MiB, capture {r['seconds']:6.1f} s")
         rss = runs[large]["rss_bytes"] / runs[small]["rss_bytes"]
         state = runs[large]["state_bytes"] / runs[small]["state_bytes"]
-        verdict = "pass" if rss <= TARGET and state <= TARGET else "miss"
-        print(f"{measurement:8s} {large}/{small} tokens: peak RSS x{rss:.3f}, reducer state x{state:.3f} "
-              f"(target <= {TARGET:.2f}: {verdict})")
+        section.target(f"{measurement}: peak RSS at {large} / {small} tokens", rss, TARGET)
+        section.target(f"{measurement}: reducer state at {large} / {small} tokens", state, TARGET)
+    section.save()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ layerscope's streaming residual-stats against TransformerLens `run_with_cache` (
 every layer's output, and a plain HF forward with `output_hidden_states`; then
 residual-stats at 2k, 8k and 32k tokens.
 
-Every run is a fresh process that loads the model, warms up on one batch, times one pass
+Every run is a fresh process that loads the model, warms up on two windows, times one pass
 over the corpus and reports its peak RSS; the methods take turns, round after round.
 Peers time only their library calls; layerscope's time includes its statistics.  Each
 peer's residual statistics must match layerscope's to 1e-4 relative before any timing
@@ -35,14 +35,14 @@ STATS = ("mean_norm", "variance", "max_abs")
 
 
 def child(method: str, tokens: int) -> None:
-    """Load, warm up on one batch, time one pass over `tokens` tokens, report figures."""
+    """Load, warm up on two windows, time one pass over `tokens` tokens, report figures."""
     import torch
 
     from layerscope.probes.zoo import load_model
 
     loaded = load_model(MODEL)
     windows = corpus_windows(loaded, tokens)
-    warm_up = windows.head(SEQ_LEN * BATCH_SIZE)
+    warm_up = windows.head(SEQ_LEN * 2)
     if method == "layerscope":
         from layerscope.analysis import residual_stats
         from layerscope.analysis.metric import NoOptions
@@ -111,7 +111,7 @@ def main() -> None:
 
     section = Section("residual_capture", f"Residual capture of all layers over {args.tokens // 1024}k tokens",
                       f"{MODEL}, stdlib corpus, windows of {SEQ_LEN} tokens, {BATCH_SIZE} a batch; each run a fresh "
-                      f"process (load, one warm-up batch, one timed pass); {args.repeats} rounds, methods in turn.")
+                      f"process (load, a warm-up on two windows, one timed pass); {args.repeats} rounds, methods in turn.")
     ours = runs["layerscope"][0]["values"]
     for method in METHODS[1:]:
         for result in runs[method]:
