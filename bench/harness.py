@@ -89,6 +89,59 @@ def emit(payload: dict) -> None:
     print(json.dumps(payload), flush=True)
 
 
+# Marks a worker's replies, so that anything a library prints on stdout cannot be taken for one.
+REPLY = "@bench-reply "
+
+
+class Worker:
+    """A fresh process that sets up once, then runs a timed job whenever asked: several
+    workers can take turns, each keeping its own peak RSS, without paying the set-up
+    (imports, model load, corpus) for every repeat."""
+
+    def __init__(self, script: str, *args: str):
+        self.label = f"{Path(script).name} {' '.join(args)}"
+        self.errors = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([sys.executable, script, "--worker", *args], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.errors, text=True)
+        self.ready = self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        self.errors.seek(0)
+        raise SystemExit(f"{self.label} stopped:\n{self.errors.read()[-3000:]}")
+
+    def run(self) -> dict:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def close(self) -> dict:
+        """Stop the worker; returns its peak RSS in bytes."""
+        self.process.stdin.write("done\n")
+        self.process.stdin.flush()
+        final = self._reply()
+        self.process.wait()
+        self.errors.close()
+        return final
+
+
+def serve(job: Callable[[], dict]) -> None:
+    """The worker side: report ready, run `job` on each request, report peak RSS at the end."""
+
+    def reply(payload: dict) -> None:
+        print(REPLY + json.dumps(payload), flush=True)
+
+    reply({"ready": True})
+    for command in sys.stdin:
+        if command.strip() == "run":
+            reply(job())
+        else:
+            break
+    reply({"rss_bytes": peak_rss_bytes()})
+
+
 def max_relative_difference(ours: dict[str, float], theirs: dict[str, float]) -> tuple[float, str]:
     """Largest |ours - theirs| / |theirs| over the keys both hold, and its key."""
     common = ours.keys() & theirs.keys()

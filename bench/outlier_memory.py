@@ -11,11 +11,7 @@ within 10% of 1 (target <= 1.10), and the reducer state should not grow at all.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +22,7 @@ MEASUREMENTS = ("massive", "sinks")
 
 def child(measurement: str, model: str, tokens: int) -> None:
     """Run one capture and print its figures as JSON."""
+    from harness import emit, peak_rss_bytes
     from layerscope.analysis import massive, sinks
     from layerscope.probes.capture import capture
     from layerscope.probes.corpus import CorpusSpec, token_windows
@@ -39,15 +36,8 @@ def child(measurement: str, model: str, tokens: int) -> None:
                             loaded.bos_token_id, loaded.max_context)
     started = time.perf_counter()
     captured = capture(loaded, windows, module.probe(options), progress=False)
-    print(json.dumps({"tokens": captured.n_tokens, "state_bytes": captured.peak_state_bytes,
-                      "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "seconds": time.perf_counter() - started}))
-
-
-def measure(measurement: str, model: str, tokens: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", measurement, "--model", model, "--tokens", str(tokens)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    emit({"tokens": captured.n_tokens, "state_bytes": captured.peak_state_bytes, "rss_bytes": peak_rss_bytes(),
+          "seconds": time.perf_counter() - started})
 
 
 def main() -> None:
@@ -59,7 +49,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.tokens[0])
         return
-    from harness import Section, Spread
+    from harness import Section, Spread, run_child
 
     small, large = args.tokens
     print(f"{args.model}, stdlib corpus, windows of 128 tokens, batches of 8, hooks backend")
@@ -67,7 +57,7 @@ def main() -> None:
                       f"{args.model}, stdlib corpus, windows of 128 tokens, 8 a batch, hooks backend; one fresh "
                       f"process per (measurement, length).")
     for measurement in MEASUREMENTS:
-        runs = {n: measure(measurement, args.model, n) for n in (small, large)}
+        runs = {n: run_child(__file__, measurement, "--model", args.model, "--tokens", str(n)) for n in (small, large)}
         for n, r in runs.items():
             section.row(f"{measurement} over {r['tokens']} tokens", Spread.of([r["seconds"]]),
                         peak_rss_mib=r["rss_bytes"] / 2**20, reducer_state_mib=r["state_bytes"] / 2**20)

@@ -4,8 +4,9 @@ layerscope's streaming residual-stats against TransformerLens `run_with_cache` (
 every layer's output, and a plain HF forward with `output_hidden_states`; then
 residual-stats at 2k, 8k and 32k tokens.
 
-Every run is a fresh process that loads the model, warms up on two windows, times one pass
-over the corpus and reports its peak RSS; the methods take turns, round after round.
+Each method runs in its own fresh process, which loads the model and warms up on two
+windows once, then times one pass over the corpus whenever asked; the methods take turns,
+round after round, and each process reports its peak RSS at the end.
 Peers time only their library calls; layerscope's time includes its statistics.  Each
 peer's residual statistics must match layerscope's to 1e-4 relative before any timing
 counts.  Targets: layerscope at most 1.15x the HF forward in time and at most 0.5x
@@ -19,8 +20,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness import (BATCH_SIZE, MODEL, REPEATS, SEQ_LEN, Section, Spread, check_agreement, corpus_windows, emit,
-                     peak_rss_bytes, run_child)
+from harness import (BATCH_SIZE, MODEL, REPEATS, SEQ_LEN, Section, Spread, Worker, check_agreement, corpus_windows,
+                     serve)
 
 METHODS = ("layerscope", "transformer_lens_filtered", "transformer_lens_all", "nnsight", "hf_hidden_states")
 LABELS = {
@@ -34,8 +35,8 @@ SCALING_TOKENS = (2048, 8192, 32768)
 STATS = ("mean_norm", "variance", "max_abs")
 
 
-def child(method: str, tokens: int) -> None:
-    """Load, warm up on two windows, time one pass over `tokens` tokens, report figures."""
+def worker(method: str, tokens: int) -> None:
+    """Load, warm up on two windows, then time one pass over `tokens` tokens per request."""
     import torch
 
     from layerscope.probes.zoo import load_model
@@ -80,38 +81,49 @@ def child(method: str, tokens: int) -> None:
             return hf_hidden_states(loaded.model, batches)
 
     measure(warm_up)
-    seconds, values = measure(windows)
-    emit({"method": method, "tokens": windows.n_tokens, "seconds": seconds, "rss_bytes": peak_rss_bytes(),
-          "threads": torch.get_num_threads(), "values": values})
+
+    def job() -> dict:
+        seconds, values = measure(windows)
+        return {"tokens": windows.n_tokens, "seconds": seconds, "threads": torch.get_num_threads(), "values": values}
+
+    serve(job)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--child", nargs=2, metavar=("METHOD", "TOKENS"))
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "TOKENS"))
     args = parser.parse_args()
-    if args.child:
-        child(args.child[0], int(args.child[1]))
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]))
         return
 
-    def run(method: str, tokens: int) -> dict:
-        result = run_child(__file__, method, str(tokens))
-        print(f"  {method:26s} {result['tokens']:6d} tokens {result['seconds']:7.2f} s "
-              f"peak RSS {result['rss_bytes'] / 2**20:7.0f} MiB", flush=True)
+    def report(method: str, result: dict) -> dict:
+        print(f"  {method:26s} {result['tokens']:6d} tokens {result['seconds']:7.2f} s", flush=True)
         return result
 
-    # The first child also reads the model from disk into the page cache for the rest.
-    smallest = run("layerscope", SCALING_TOKENS[0])
+    def once(method: str, tokens: int) -> dict:
+        single = Worker(__file__, method, str(tokens))
+        result = report(method, single.run())
+        return result | single.close()
+
+    # The first process also reads the model from disk into the page cache for the rest.
+    smallest = once("layerscope", SCALING_TOKENS[0])
+    workers = {method: Worker(__file__, method, str(args.tokens)) for method in METHODS}
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for _ in range(args.repeats):
-        for method in METHODS:
-            runs[method].append(run(method, args.tokens))
-    largest = run("layerscope", SCALING_TOKENS[-1])
+        for method, process in workers.items():
+            runs[method].append(report(method, process.run()))
+    peak_rss = {method: process.close()["rss_bytes"] / 2**20 for method, process in workers.items()}
+    for method in METHODS:
+        print(f"  {method:26s} peak RSS {peak_rss[method]:7.0f} MiB", flush=True)
+    largest = once("layerscope", SCALING_TOKENS[-1])
 
     section = Section("residual_capture", f"Residual capture of all layers over {args.tokens // 1024}k tokens",
-                      f"{MODEL}, stdlib corpus, windows of {SEQ_LEN} tokens, {BATCH_SIZE} a batch; each run a fresh "
-                      f"process (load, a warm-up on two windows, one timed pass); {args.repeats} rounds, methods in turn.")
+                      f"{MODEL}, stdlib corpus, windows of {SEQ_LEN} tokens, {BATCH_SIZE} a batch; one fresh process "
+                      f"per method (load and a warm-up on two windows once), {args.repeats} rounds with the methods "
+                      f"taking turns; peak RSS of each process over its passes.")
     ours = runs["layerscope"][0]["values"]
     for method in METHODS[1:]:
         for result in runs[method]:
@@ -119,20 +131,19 @@ def main() -> None:
         section.agreement.append(check_agreement(f"{LABELS[method]}: residual mean norm, variance and max|x| per "
                                                  "layer vs layerscope", ours, runs[method][0]["values"]))
     seconds = {m: Spread.of([r["seconds"] for r in rs]) for m, rs in runs.items()}
-    rss = {m: Spread.of([r["rss_bytes"] / 2**20 for r in rs]) for m, rs in runs.items()}
     for method in METHODS:
-        section.row(LABELS[method], seconds[method], peak_rss_mib=rss[method].median,
+        section.row(LABELS[method], seconds[method], peak_rss_mib=peak_rss[method],
                     time_vs_layerscope=seconds[method].median / seconds["layerscope"].median)
     section.target("layerscope time / plain HF forward with output_hidden_states",
                    seconds["layerscope"].median / seconds["hf_hidden_states"].median, 1.15)
     section.target("layerscope peak RSS / TransformerLens run_with_cache without a filter",
-                   rss["layerscope"].median / rss["transformer_lens_all"].median, 0.5)
+                   peak_rss["layerscope"] / peak_rss["transformer_lens_all"], 0.5)
 
     scaling = Section("scaling", "Scaling of residual-stats with corpus length",
                       f"{MODEL}, stdlib corpus, layerscope residual-stats, one fresh process per length "
-                      f"(8k: the median of the rounds above).")
+                      f"({args.tokens} tokens: the rounds above).")
     by_length = {SCALING_TOKENS[0]: (Spread.of([smallest["seconds"]]), smallest["rss_bytes"] / 2**20),
-                 args.tokens: (seconds["layerscope"], rss["layerscope"].median),
+                 args.tokens: (seconds["layerscope"], peak_rss["layerscope"]),
                  SCALING_TOKENS[-1]: (Spread.of([largest["seconds"]]), largest["rss_bytes"] / 2**20)}
     base_seconds, base_rss = by_length[SCALING_TOKENS[0]]
     for tokens, (secs, rss_mib) in sorted(by_length.items()):

@@ -118,8 +118,9 @@ def capture(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend
         stream = {p: functools.partial(_fold_point, consumers, p, batch) for p, consumers in stream_to.items()}
         batch.logits, acts = runner.run(loaded, input_ids, wanted, stream=stream)
         for reducer in spec.reducers:
+            # What a backend could not stream reaches pointwise reducers here, after the pass.
             given = {p: acts[p] for p in reducer.points(loaded) if p in acts}
-            if given:
+            if given or not getattr(reducer, "pointwise", False):
                 states[reducer.name].update(given, batch)
         del acts, batch
         offset += input_ids.shape[0]

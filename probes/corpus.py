@@ -10,6 +10,7 @@ import ast
 import functools
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 from dataclasses import asdict, dataclass
@@ -43,8 +44,31 @@ class CorpusSpec:
 
 @functools.lru_cache(maxsize=1)
 def stdlib_docstrings() -> tuple[str, ...]:
-    """Docstrings longer than 200 characters from the top-level stdlib modules, in file-name order."""
+    """Docstrings longer than 200 characters from the top-level stdlib modules, in file-name order.
+
+    Parsing the stdlib takes seconds, so the list is kept in the cache folder, one file per
+    Python build and stdlib location."""
+    from layerscope.probes.zoo import cache_dir
+
     root = Path(sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha256(f"{sys.version}|{root}|{MIN_DOCSTRING_CHARS}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "corpus" / f"stdlib-docstrings-{key}.json"
+    try:
+        return tuple(json.loads(cached.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    docs = _parse_stdlib_docstrings(root)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+        staging.write_text(json.dumps(docs), encoding="utf-8")
+        os.replace(staging, cached)
+    except OSError:
+        pass  # a read-only cache only costs the parse next time
+    return docs
+
+
+def _parse_stdlib_docstrings(root: Path) -> tuple[str, ...]:
     docs: list[str] = []
     for path in sorted(root.glob("*.py")):
         try:

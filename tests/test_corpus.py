@@ -1,7 +1,12 @@
+import json
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
-from layerscope.probes.corpus import CorpusSpec, documents, stdlib_docstrings, token_windows
+from layerscope.probes.corpus import (CorpusSpec, _parse_stdlib_docstrings, documents, stdlib_docstrings,
+                                      token_windows)
 from layerscope.probes.errors import UserError
 from layerscope.probes.zoo import byte_tokenizer
 
@@ -73,3 +78,20 @@ def test_bad_corpus_files(tmp_path, content, suffix, message):
 def test_bad_window_settings(tokenizer, spec, message):
     with pytest.raises(UserError, match=message):
         token_windows(spec, tokenizer, 256, 256)
+
+
+def test_stdlib_docstrings_cache_equals_a_fresh_parse_and_survives_corruption(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path))
+    parsed = _parse_stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"]))
+    stdlib_docstrings.cache_clear()
+    try:
+        assert stdlib_docstrings() == parsed
+        (cached,) = (tmp_path / "corpus").iterdir()
+        stdlib_docstrings.cache_clear()
+        assert stdlib_docstrings() == parsed  # read back from the file
+        cached.write_text("{not json")
+        stdlib_docstrings.cache_clear()
+        assert stdlib_docstrings() == parsed
+        assert json.loads(cached.read_text()) == list(parsed)
+    finally:
+        stdlib_docstrings.cache_clear()
