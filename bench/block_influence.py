@@ -39,14 +39,14 @@ def main() -> None:
     def loop(batches=windows):
         answers["shortgpt"] = shortgpt_block_influence(loaded.model, batches)
 
-    warm_up = windows.head(SEQ_LEN * BATCH_SIZE)
+    warm_up = windows.head(SEQ_LEN * 2)
     seconds = {name: Spread.of(values) for name, values in alternate(
         {"layerscope": ours, "shortgpt": loop}, args.repeats,
         warm_ups={"layerscope": lambda: ours(warm_up), "shortgpt": lambda: loop(warm_up)}).items()}
     compared = range(loaded.n_layers - 1)
     section = Section("block_influence", f"Block Influence over {args.tokens // 1024}k tokens",
                       f"{MODEL}, stdlib corpus, windows of {SEQ_LEN} tokens, {BATCH_SIZE} a batch; one process, "
-                      f"a warm-up batch each, then {args.repeats} rounds taking turns.")
+                      f"a warm-up on two windows each, then {args.repeats} rounds taking turns.")
     section.agreement.append(check_agreement(
         f"Block Influence of blocks 0-{loaded.n_layers - 2} vs the ShortGPT loop",
         {str(l): answers["layerscope"]["block_influence"][l] for l in compared},

@@ -96,14 +96,15 @@ REPLY = "@bench-reply "
 class Worker:
     """A fresh process that sets up once, then runs a timed job whenever asked: several
     workers can take turns, each keeping its own peak RSS, without paying the set-up
-    (imports, model load, corpus) for every repeat."""
+    (imports, model load, corpus) for every repeat.  Workers started together set up
+    side by side; `wait_ready` on all of them before timing any."""
 
     def __init__(self, script: str, *args: str):
         self.label = f"{Path(script).name} {' '.join(args)}"
         self.errors = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen([sys.executable, script, "--worker", *args], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.errors, text=True)
-        self.ready = self._reply()
+        self.ready = False
 
     def _reply(self) -> dict:
         for line in self.process.stdout:
@@ -112,13 +113,21 @@ class Worker:
         self.errors.seek(0)
         raise SystemExit(f"{self.label} stopped:\n{self.errors.read()[-3000:]}")
 
+    def wait_ready(self) -> "Worker":
+        """Block until the set-up is done; time nothing before every worker is ready."""
+        if not self.ready:
+            self.ready = self._reply()["ready"]
+        return self
+
     def run(self) -> dict:
+        self.wait_ready()
         self.process.stdin.write("run\n")
         self.process.stdin.flush()
         return self._reply()
 
     def close(self) -> dict:
         """Stop the worker; returns its peak RSS in bytes."""
+        self.wait_ready()
         self.process.stdin.write("done\n")
         self.process.stdin.flush()
         final = self._reply()

@@ -54,7 +54,7 @@ def calibrated_stand_in(target: Path, seq_len: int) -> Path:
     its mean scale over one batch once the norms before it are."""
     stand_in = load_model(MODEL)
     model = stand_in.model
-    batch = RemovalData(seq_len=seq_len, batch_size=2, train_tokens=2 * seq_len).windows(stand_in)[0].input_ids
+    batch = RemovalData(seq_len=seq_len, batch_size=1, train_tokens=seq_len).windows(stand_in)[0].input_ids
     wrapped = wrap_norms(stand_in, momentum=None)
     reached = []
     hooks = [w.register_forward_pre_hook(lambda module, args: reached.append(module)) for w in wrapped.values()]

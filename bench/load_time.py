@@ -5,7 +5,7 @@ and written as a safetensors checkpoint.  Warm: the same cache afterwards.  The 
 layerscope (with torch and transformers) is timed apart from `load_model`.
 Target: a warm `load_model` under 3 s.
 
-    .venv/bin/python bench/load_time.py [--repeats 5] [--cold 2]
+    .venv/bin/python bench/load_time.py [--repeats 5] [--cold 1]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def child() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--cold", type=int, default=2, help="cold loads (each converts the weights again)")
+    parser.add_argument("--cold", type=int, default=1, help="cold loads (each converts the weights again)")
     parser.add_argument("--child", action="store_true")
     args = parser.parse_args()
     if args.child:

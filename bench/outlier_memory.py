@@ -43,7 +43,7 @@ def child(measurement: str, model: str, tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 16384])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--child", choices=MEASUREMENTS)
     args = parser.parse_args()
     if args.child:

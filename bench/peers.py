@@ -120,7 +120,7 @@ def shortgpt_block_influence(model, windows) -> list[float]:
 
 
 @torch.no_grad()
-def nnsight_skip_sweep(envoy, windows, n_layers: int) -> dict[str, float]:
+def nnsight_skip_sweep(envoy, windows, n_layers: int, skipped_layers: list[int] | None = None) -> dict[str, float]:
     """The naive sweep: per batch one clean trace, then one trace per layer with that layer
     `.skip()`ped (its input passed through as its output).  Token sums over next-token
     positions of cross-entropy, KL(clean || skipped), top-1 agreement, the change of the
@@ -139,7 +139,7 @@ def nnsight_skip_sweep(envoy, windows, n_layers: int) -> dict[str, float]:
         clean_final = _tensor(clean[-1][1])[:, 1:].double()
         reference = torch.log_softmax(clean_logits[:, :-1], dim=-1)
         targets = input_ids[:, 1:]
-        for skipped in range(n_layers):
+        for skipped in range(n_layers) if skipped_layers is None else skipped_layers:
             later = []
             with envoy.trace(input_ids):
                 saved["passed"] = layers[skipped].input.save()

@@ -104,13 +104,15 @@ def main() -> None:
         return result
 
     def once(method: str, tokens: int) -> dict:
-        single = Worker(__file__, method, str(tokens))
+        single = Worker(__file__, method, str(tokens)).wait_ready()
         result = report(method, single.run())
         return result | single.close()
 
     # The first process also reads the model from disk into the page cache for the rest.
     smallest = once("layerscope", SCALING_TOKENS[0])
     workers = {method: Worker(__file__, method, str(args.tokens)) for method in METHODS}
+    for process in workers.values():
+        process.wait_ready()
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for _ in range(args.repeats):
         for method, process in workers.items():
