@@ -118,8 +118,9 @@ class LayerCosines:
     cos(resid_mid, resid_post); with `span` n > 0 also of the angular distance
     arccos(cos(resid_pre[l], resid_post[l+n-1]))/pi.  `exclude_first` drops position 0.
 
-    Pointwise: a layer's cosines are taken when its resid_post arrives, so a streaming
-    backend leaves only the current layer's points (and `span` earlier inputs) in memory."""
+    Pointwise: a layer's cosines are taken as soon as its three points have arrived, so a
+    streaming backend leaves only the current layer's points (and `span` earlier inputs)
+    in memory."""
 
     span: int = 0
     exclude_first: bool = False
@@ -157,11 +158,16 @@ class _CosinesState:
                 wide = x[:, start:].double()
                 self._last = (x, (wide, wide.norm(dim=-1)))
             self.waiting[p] = self._last[1]
-            if p.kind == "resid_post":
-                self._close(p.layer)
+            self._close_if_complete(p.layer)
 
-    def _close(self, layer: int) -> None:
-        pre, mid, post = (self.waiting.pop(Point(kind, layer)) for kind in ("resid_pre", "resid_mid", "resid_post"))
+    def _close_if_complete(self, layer: int) -> None:
+        # A backend may stream some points and return the rest after the pass (a derived
+        # resid_mid), so a layer closes when its last point arrives, whichever that is.
+        # Either way layers complete in ascending order, which the angular span relies on.
+        wanted = [Point(kind, layer) for kind in ("resid_pre", "resid_mid", "resid_post")]
+        if not all(p in self.waiting for p in wanted):
+            return
+        pre, mid, post = (self.waiting.pop(p) for p in wanted)
         self.sums[layer, 0] += _cosine_sum(pre, post)
         self.sums[layer, 1] += _cosine_sum(pre, mid)
         self.sums[layer, 2] += _cosine_sum(mid, post)

@@ -1,5 +1,10 @@
+import dataclasses
+
+import numpy as np
 import torch
 
+from layerscope.analysis.block_influence import BlockInfluenceOptions, block_influence
+from layerscope.analysis.block_influence import probe as block_influence_probe
 from layerscope.analysis.residual_stats import PROBE, residual_stats
 from layerscope.probes.backends import get_backend, points
 from layerscope.probes.capture import ProbeSpec, capture
@@ -79,3 +84,20 @@ def test_hooks_backend_hands_streamed_points_over_in_execution_order(tiny_models
     assert order == sorted(order) and len(order) == len(stream)
     for p, x in received:
         assert torch.equal(x, reference[p]), p
+
+
+def test_streaming_with_a_derived_resid_mid_matches_the_kept_path(tiny_models):
+    # Parallel-residual GPT-NeoX (Pythia) derives resid_mid after the pass, so its capture
+    # mixes streamed points with points returned at the end.
+    loaded = tiny_models["gpt-neox"]
+    derived = dataclasses.replace(loaded, adapter=dataclasses.replace(loaded.adapter, resid_mid_from="derived"))
+    windows = _windows(derived, 512)
+    options = BlockInfluenceOptions(angular=2)
+    streamed = block_influence(capture(derived, windows, block_influence_probe(options), progress=False))
+    kept = block_influence(capture(derived, windows, block_influence_probe(options), backend="nnsight",
+                                   progress=False))
+    np.testing.assert_allclose(streamed.drop(columns="removal_rank").to_numpy(),
+                               kept.drop(columns="removal_rank").to_numpy(), rtol=1e-9, equal_nan=True)
+    moments = capture(derived, windows, PROBE, progress=False)["moments"]
+    reference = capture(derived, windows, PROBE, backend="nnsight", progress=False)["moments"]
+    torch.testing.assert_close(moments["moments"], reference["moments"], rtol=1e-6, atol=1e-9)
