@@ -110,7 +110,12 @@ def main() -> None:
         with torch.no_grad():
             return bool(torch.isfinite(token_loss(models[name], batch_for_step(train, index, 0), index)[0]))
 
-    usable = [i for i in range(CANDIDATE_BATCHES) if all(finite_loss(name, i) for name in models)][:args.repeats + 1]
+    usable = []
+    for index in range(CANDIDATE_BATCHES):
+        if len(usable) == args.repeats + 1:
+            break
+        if all(finite_loss(name, index) for name in models):
+            usable.append(index)
     if len(usable) < args.repeats + 1:
         raise SystemExit(f"only {len(usable)} of {CANDIDATE_BATCHES} batches give finite losses with frozen norms")
 

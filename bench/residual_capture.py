@@ -103,16 +103,16 @@ def main() -> None:
         print(f"  {method:26s} {result['tokens']:6d} tokens {result['seconds']:7.2f} s", flush=True)
         return result
 
-    def once(method: str, tokens: int) -> dict:
-        single = Worker(__file__, method, str(tokens)).wait_ready()
+    def once(single: Worker, method: str) -> dict:
         result = report(method, single.run())
         return result | single.close()
 
-    # The first process also reads the model from disk into the page cache for the rest.
-    smallest = once("layerscope", SCALING_TOKENS[0])
+    # Every process sets up side by side; nothing is timed until all are ready.
+    ends = {tokens: Worker(__file__, "layerscope", str(tokens)) for tokens in (SCALING_TOKENS[0], SCALING_TOKENS[-1])}
     workers = {method: Worker(__file__, method, str(args.tokens)) for method in METHODS}
-    for process in workers.values():
+    for process in [*ends.values(), *workers.values()]:
         process.wait_ready()
+    smallest = once(ends[SCALING_TOKENS[0]], "layerscope")
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for _ in range(args.repeats):
         for method, process in workers.items():
@@ -120,7 +120,7 @@ def main() -> None:
     peak_rss = {method: process.close()["rss_bytes"] / 2**20 for method, process in workers.items()}
     for method in METHODS:
         print(f"  {method:26s} peak RSS {peak_rss[method]:7.0f} MiB", flush=True)
-    largest = once("layerscope", SCALING_TOKENS[-1])
+    largest = once(ends[SCALING_TOKENS[-1]], "layerscope")
 
     section = Section("residual_capture", f"Residual capture of all layers over {args.tokens // 1024}k tokens",
                       f"{MODEL}, stdlib corpus, windows of {SEQ_LEN} tokens, {BATCH_SIZE} a batch; one fresh process "
