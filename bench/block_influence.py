@@ -12,17 +12,13 @@ Target: layerscope at most 1.1x the loop's time.
 
 from __future__ import annotations
 
-import argparse
 
-from harness import (BATCH_SIZE, MODEL, REPEATS, SEQ_LEN, Section, Spread, alternate, check_agreement,
+from harness import (BATCH_SIZE, MODEL, SEQ_LEN, Section, Spread, alternate, case_parser, check_agreement,
                      corpus_windows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--tokens", type=int, default=8192)
-    args = parser.parse_args()
+    args = case_parser(__doc__, tokens=8192).parse_args()
 
     from layerscope.analysis import block_influence
     from layerscope.probes.zoo import load_model

@@ -8,6 +8,7 @@ reported only as context.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -43,6 +44,14 @@ class Spread:
     @classmethod
     def of(cls, values: list[float]) -> "Spread":
         return cls(statistics.median(values), min(values), max(values), len(values))
+
+
+def case_parser(doc: str, tokens: int) -> argparse.ArgumentParser:
+    """The options every side-by-side case takes: repeats and corpus length."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    return parser
 
 
 def corpus_windows(loaded, tokens: int, seq_len: int = SEQ_LEN, batch_size: int = BATCH_SIZE):

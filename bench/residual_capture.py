@@ -17,11 +17,10 @@ counts.  Targets: layerscope at most 1.15x the HF forward in time and at most 0.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from harness import (BATCH_SIZE, MODEL, REPEATS, SEQ_LEN, Section, Spread, Worker, check_agreement, corpus_windows,
-                     serve)
+from harness import (BATCH_SIZE, MODEL, SEQ_LEN, Section, Spread, Worker, case_parser, check_agreement,
+                     corpus_windows, serve)
 
 METHODS = ("layerscope", "transformer_lens_filtered", "transformer_lens_all", "nnsight", "hf_hidden_states")
 LABELS = {
@@ -90,9 +89,7 @@ def worker(method: str, tokens: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser = case_parser(__doc__, tokens=8192)
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "TOKENS"))
     args = parser.parse_args()
     if args.worker:
@@ -128,10 +125,9 @@ def main() -> None:
                       f"taking turns; peak RSS of each process over its passes.")
     ours = runs["layerscope"][0]["values"]
     for method in METHODS[1:]:
-        for result in runs[method]:
-            check_agreement(f"{LABELS[method]} vs layerscope", ours, result["values"])
-        section.agreement.append(check_agreement(f"{LABELS[method]}: residual mean norm, variance and max|x| per "
-                                                 "layer vs layerscope", ours, runs[method][0]["values"]))
+        label = f"{LABELS[method]}: residual mean norm, variance and max|x| per layer vs layerscope"
+        lines = [check_agreement(label, ours, result["values"]) for result in runs[method]]
+        section.agreement.append(lines[0])
     seconds = {m: Spread.of([r["seconds"] for r in rs]) for m, rs in runs.items()}
     for method in METHODS:
         section.row(LABELS[method], seconds[method], peak_rss_mib=peak_rss[method],

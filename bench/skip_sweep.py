@@ -12,10 +12,9 @@ Target: layerscope at most 0.6x the naive loop's time.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
-from harness import MODEL, REPEATS, Section, Spread, alternate, check_agreement, corpus_windows
+from harness import MODEL, Section, Spread, alternate, case_parser, check_agreement, corpus_windows
 
 TABLE_COLUMNS = ("ce_skipped", "kl", "top1_agreement", "final_change")
 NOTE = ("Counting arithmetic alone, reusing the clean prefix brings the sweep to about 0.62 of the naive loop: "
@@ -26,10 +25,7 @@ NOTE = ("Counting arithmetic alone, reusing the clean prefix brings the sweep to
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--tokens", type=int, default=128)
-    args = parser.parse_args()
+    args = case_parser(__doc__, tokens=128).parse_args()
 
     from nnsight.modeling.transformers import TransformersModel
 

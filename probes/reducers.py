@@ -45,22 +45,11 @@ class _MomentsState:
         self.max_abs = torch.full(shape, -1.0, dtype=torch.float64)
         # window, position, dim, token id of the largest |x|
         self.max_where = torch.zeros(*shape, 4, dtype=torch.long)
-        # The last tensor reduced, kept alive so that its address cannot be reused, with its figures.
-        self._last: tuple[torch.Tensor, tuple] | None = None
+        self._shared = _SharedTensor()
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        # resid_post[l] and resid_pre[l+1] are one tensor; reduce it once.  Streamed one point
-        # at a time, the two arrive in consecutive calls, hence the last tensor is remembered.
-        seen: dict[tuple, tuple[torch.Tensor, tuple]] = {}
-        if self._last is not None:
-            seen[_storage_key(self._last[0])] = self._last
         for (k, l), x in _by_index(acts, self.kinds):
-            key = _storage_key(x)
-            if key not in seen:
-                value, flat = x.abs().flatten().max(dim=0)
-                seen[key] = (x, (batch_moments(x), value, flat))
-            self._last = seen[key]
-            moments, value, flat = self._last[1]
+            moments, value, flat = self._shared.reduce(x, _moments_and_max)
             self.moments[k, l] += moments
             if value.item() > self.max_abs[k, l]:
                 window, pos, dim = torch.unravel_index(flat, x.shape)
@@ -69,18 +58,37 @@ class _MomentsState:
                     [window + batch.offset, pos, dim, batch.input_ids[window, pos]])
 
     def result(self) -> dict[str, torch.Tensor]:
-        self._last = None
+        self._shared = _SharedTensor()
         return {"kinds": list(self.kinds), "moments": self.moments, "max_abs": self.max_abs,
                 "max_where": self.max_where}
+
+
+def _moments_and_max(x: torch.Tensor) -> tuple:
+    value, flat = x.abs().flatten().max(dim=0)
+    return batch_moments(x), value, flat
 
 
 def _storage_key(x: torch.Tensor) -> tuple:
     return x.data_ptr(), tuple(x.shape), tuple(x.stride())
 
 
+class _SharedTensor:
+    """resid_post[l] and resid_pre[l+1] are one tensor, and in execution order they come
+    one after the other: what was computed from the last tensor is reused when the next
+    point is the same one.  The tensor is kept alive so that its address cannot be reused."""
+
+    def __init__(self):
+        self._last: tuple[torch.Tensor, object] | None = None
+
+    def reduce(self, x: torch.Tensor, compute):
+        if self._last is None or _storage_key(self._last[0]) != _storage_key(x):
+            self._last = (x, compute(x))
+        return self._last[1]
+
+
 def _by_index(acts: Activations, kinds: tuple[str, ...]):
-    for p, x in acts.items():
-        yield (kinds.index(p.kind), p.layer), x
+    for p in sorted(acts, key=execution_order):
+        yield (kinds.index(p.kind), p.layer), acts[p]
 
 
 def batch_moments(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "2 field"]:
@@ -146,18 +154,17 @@ class _CosinesState:
         # angular span still needs, by layer.
         self.waiting: dict[Point, tuple[torch.Tensor, torch.Tensor]] = {}
         self.span_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # resid_post[l] is resid_pre[l+1]: the last tensor seen is kept alive (so that its
-        # address cannot be reused) with its conversion, which the next point may share.
-        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._shared = _SharedTensor()
 
     def update(self, acts: Activations, batch: Batch) -> None:
         start = 1 if self.spec.exclude_first else 0
+
+        def widen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            wide = x[:, start:].double()
+            return wide, wide.norm(dim=-1)
+
         for p in sorted(acts, key=execution_order):
-            x = acts[p]
-            if self._last is None or _storage_key(self._last[0]) != _storage_key(x):
-                wide = x[:, start:].double()
-                self._last = (x, (wide, wide.norm(dim=-1)))
-            self.waiting[p] = self._last[1]
+            self.waiting[p] = self._shared.reduce(acts[p], widen)
             self._close_if_complete(p.layer)
 
     def _close_if_complete(self, layer: int) -> None:
@@ -185,7 +192,7 @@ class _CosinesState:
                 self.span_inputs.clear()
 
     def result(self) -> dict:
-        self._last = None
+        self._shared = _SharedTensor()
         mean = self.sums / self.tokens
         if self.spec.span > 0:
             mean[self.n_layers - self.spec.span + 1:, 3] = float("nan")
