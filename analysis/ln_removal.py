@@ -6,16 +6,25 @@ The run compares four models on the same held-out windows: the original; the ori
 with every norm frozen at its mean scale and no training ("removed, no fine-tune"); a
 vanilla fine-tune of the same length as the removal, every norm kept (the control); and
 the norm-free model.  The papers report the norm-free model against the vanilla one.
+
+`save_ln_removal_run` stores a `remove_norms` result as a run of metric "ln-removal" with
+these tables; the norm-free model and the checkpoints stay outside the run store.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from layerscope.probes.ln_removal import FineTuneResult
+from layerscope.analysis.store import package_versions, save_run
+from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.ln_removal import FineTuneResult, RemovalResult
+
+METRIC_NAME = "ln-removal"
 
 
 def ln_removal_tables(removal: FineTuneResult, control: FineTuneResult | None,
@@ -39,16 +48,44 @@ def ln_removal_tables(removal: FineTuneResult, control: FineTuneResult | None,
     # Freezing every norm at once can overflow float32 (it does on SmolLM2): say so, not just NaN.
     evals["note"] = ["" if math.isfinite(ce) else "loss not finite: the activations overflow float32"
                      for ce in evals["eval_ce"]]
-    curves = [pd.DataFrame(removal.history).assign(run="ln-removal")]
-    if control is not None:
-        curves.append(pd.DataFrame(control.history).assign(run="vanilla"))
-    loss = pd.concat(curves, ignore_index=True)[["run", "step", "loss", "aux", "lr", "grad_norm", "removed"]]
+    loss = pd.concat([removal.loss_table()] + ([control.loss_table()] if control is not None else []),
+                     ignore_index=True)
     scales = {s["role"]: s for s in removal.scales}
     schedule = pd.DataFrame([{
         "step": e.step, "role": e.role, "path": e.path,
         "scale": scales.get(e.role, {}).get("scale"), "first_scale": scales.get(e.role, {}).get("first_scale"),
     } for e in removal.events], columns=["step", "role", "path", "scale", "first_scale"])
     return {"ln_removal_eval": evals, "ln_removal_loss": loss, "ln_removal_schedule": schedule}
+
+
+def result_tables(result: RemovalResult) -> dict[str, pd.DataFrame]:
+    """`ln_removal_tables` of a `remove_norms` result."""
+    return ln_removal_tables(result.removal, result.control, result.eval_no_finetune)
+
+
+def save_ln_removal_run(result: RemovalResult, train: TokenWindows, evaluation: TokenWindows,
+                        tables: dict[str, pd.DataFrame] | None = None, runs_dir: Path | None = None,
+                        extra_options: dict | None = None) -> Path:
+    """Store a `remove_norms` result as a run of metric "ln-removal" (in
+    `result.options.runs_dir` unless `runs_dir` is given): the eval, per-step loss and
+    schedule tables, with the norm-free model's path in the manifest.  Returns the run folder."""
+    tables = tables if tables is not None else result_tables(result)
+    options = result.options
+    manifest = {
+        "metric": METRIC_NAME,
+        "model": result.base_model,
+        "corpus": {"train": train.manifest(), "eval": evaluation.manifest()},
+        "options": {METRIC_NAME: {**asdict(options.config), "checkpoint_every": options.checkpoint_every,
+                                  "control": options.control, **(extra_options or {})}},
+        "norm_free_model": str(Path(result.norm_free_model).resolve()),
+        "checkpoint_dir": str(Path(result.checkpoint_dir).resolve()),
+        "results": {row.model: row.eval_ce for row in tables["ln_removal_eval"].itertuples()},
+        "resumed_from_step": result.removal.resumed_from,
+        "versions": package_versions(),
+        "timings": {"total_seconds": result.seconds, "removal_seconds": result.removal.seconds,
+                    "control_seconds": result.control.seconds if result.control else None},
+    }
+    return save_run(tables, manifest, Path(runs_dir if runs_dir is not None else options.runs_dir))
 
 
 def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None) -> go.Figure:
@@ -68,6 +105,11 @@ def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None) 
                       xaxis_title="step", yaxis_title="cross-entropy",
                       yaxis2={"title": "norms removed", "overlaying": "y", "side": "right"})
     return fig
+
+
+def figures(tables: dict[str, pd.DataFrame]) -> list[go.Figure]:
+    """The figures of a stored ln-removal run, for the report and the app."""
+    return [loss_curve_figure(tables["ln_removal_loss"], tables.get("ln_removal_schedule"))]
 
 
 def summarize(tables: dict[str, pd.DataFrame]) -> list[str]:

@@ -1,18 +1,19 @@
 """`layerscope ln-removal`: remove every norm of a model by fine-tuning, save the
-norm-free model, and store the run with a vanilla fine-tune of the same length as control."""
+norm-free model, and store the run with a vanilla fine-tune of the same length as control.
+
+Only arguments and printing live here: the experiment is
+`layerscope.probes.ln_removal.remove_norms`, the run record
+`layerscope.analysis.ln_removal.save_ln_removal_run`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from layerscope.probes.errors import UserError
-
-REMOVAL_CHECKPOINT = "removal.pt"
-CONTROL_CHECKPOINT = "control.pt"
 
 
 def add_ln_removal_parser(sub) -> None:
@@ -24,87 +25,57 @@ def add_ln_removal_parser(sub) -> None:
         description="Freeze each norm's scale at its running average on a schedule while fine-tuning: pre-MLP "
                     "norms, then pre-attention norms, then the final norm.  Saves the norm-free model as an HF "
                     "directory that `--model DIR` loads, and a run with the loss curve and evaluation "
-                    "cross-entropy against a vanilla fine-tune of the same length.")
+                    "cross-entropy against a vanilla fine-tune of the same length.  The model and checkpoints "
+                    "go to ln-removal/ beside the run store, never inside it.")
     parser.add_argument("--model", default="smollm2-135m", help="zoo name, local HF directory or Hub id")
     _add_metric_options(parser, RemovalData)
     _add_metric_options(parser, RemovalConfig)
-    parser.add_argument("--checkpoint-dir", help="where checkpoints go (default runs/ln-removal/<model>/)")
+    parser.add_argument("--checkpoint-dir", help="where checkpoints go, outside the run store "
+                                                 "(default ln-removal/<model>/ beside --runs-dir)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
-    parser.add_argument("--output", help="norm-free model folder (default runs/ln-removal/<model>-norm-free)")
+    parser.add_argument("--output", help="norm-free model folder, outside the run store "
+                                         "(default ln-removal/<model>-norm-free/ beside --runs-dir)")
     parser.add_argument("--no-control", action="store_true", help="skip the vanilla fine-tune and the no-fine-tune control")
     parser.add_argument("--format", default="table", choices=["table", "json"])
     parser.add_argument("--runs-dir", default="runs", help="run store folder")
     parser.add_argument("--no-save", action="store_true", help="do not write a run (the model is still saved)")
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
-
-
 def cmd_ln_removal(args: argparse.Namespace) -> int:
-    from layerscope.analysis.ln_removal import ln_removal_tables, summarize
-    from layerscope.analysis.store import package_versions, save_run
+    from layerscope.analysis.ln_removal import result_tables, save_ln_removal_run, summarize
     from layerscope.app.cli import _print_tables, _progress
-    from layerscope.probes.ln_removal import (RemovalConfig, RemovalData, fine_tune,
-                                              remove_without_finetuning, removal_schedule, save_norm_free)
-    from layerscope.probes.norms import require_norms
+    from layerscope.probes.ln_removal import RemovalConfig, RemovalData, RemovalOptions, remove_norms
     from layerscope.probes.zoo import load_model
 
-    config = RemovalConfig(**{k: getattr(args, k) for k in RemovalConfig.__dataclass_fields__})
+    options = RemovalOptions(
+        config=RemovalConfig(**{k: getattr(args, k) for k in RemovalConfig.__dataclass_fields__}),
+        runs_dir=Path(args.runs_dir),
+        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+        output=Path(args.output) if args.output else None,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, control=not args.no_control)
     data = RemovalData(**{k: getattr(args, k) for k in RemovalData.__dataclass_fields__})
-    if args.checkpoint_every < 1:
-        raise UserError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
-    base = Path(args.runs_dir) / "ln-removal"
-    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else base / _safe(args.model)
-    output = Path(args.output) if args.output else base / f"{_safe(args.model)}-norm-free"
-    removal_file, control_file = checkpoints / REMOVAL_CHECKPOINT, checkpoints / CONTROL_CHECKPOINT
-    if args.resume and not removal_file.exists():
-        raise UserError(f"--resume: no checkpoint in {checkpoints}")
-    if not args.resume and (removal_file.exists() or control_file.exists()):
-        raise UserError(f"{checkpoints} already holds checkpoints: continue with --resume, "
-                        "or delete them or choose another --checkpoint-dir")
+    options.paths(args.model)  # bad folders fail before the model loads
 
-    started = time.perf_counter()
     loaded = load_model(args.model)
-    removal_schedule(require_norms(loaded), config)  # a bad schedule fails before any work
     train, evaluation = data.windows(loaded)
-    progress = _progress(args)
-    removal = fine_tune(loaded, train, evaluation, config, remove=True, checkpoint=removal_file,
-                        checkpoint_every=args.checkpoint_every, resume=args.resume, progress=progress)
-    save_norm_free(loaded, output, {"base_model": args.model, "base_weights_hash": loaded.weights_hash,
-                                    "config": asdict(config), "data": asdict(data)})
-    base_card = {**loaded.card(), "weights_hash": loaded.weights_hash}
+    result = remove_norms(loaded, train, evaluation, options, progress=_progress(args))
     del loaded
-    control = no_finetune = None
-    if not args.no_control:
-        fresh = load_model(args.model)
-        no_finetune, _ = remove_without_finetuning(fresh, train, evaluation, config)
-        control = fine_tune(fresh, train, evaluation, config, remove=False, checkpoint=control_file,
-                            checkpoint_every=args.checkpoint_every, resume=args.resume,
-                            eval_before=removal.eval_before, progress=progress)
-    tables = ln_removal_tables(removal, control, no_finetune)
-    run_path = None
+    tables = result_tables(result)
+    run_path, save_error = None, None
     if not args.no_save:
-        manifest = {
-            "metric": "ln-removal",
-            "model": base_card,
-            "corpus": {"train": train.manifest(), "eval": evaluation.manifest()},
-            "options": {"ln-removal": asdict(config), "data": asdict(data),
-                        "checkpoint_every": args.checkpoint_every},
-            "norm_free_model": str(output.resolve()),
-            "results": {row.model: row.eval_ce for row in tables["ln_removal_eval"].itertuples()},
-            "resumed_from_step": removal.resumed_from,
-            "versions": package_versions(),
-            "timings": {"total_seconds": time.perf_counter() - started, "removal_seconds": removal.seconds,
-                        "control_seconds": control.seconds if control else None},
-        }
-        run_path = save_run(tables, manifest, Path(args.runs_dir))
+        try:
+            run_path = save_ln_removal_run(result, train, evaluation, tables, extra_options={"data": asdict(data)})
+        except (OSError, UserError) as err:  # the results are printed all the same
+            save_error = str(err).splitlines()[0] if str(err) else type(err).__name__
     if args.format == "json":
-        print(json.dumps({"summary": summarize(tables), "norm_free_model": str(output),
+        print(json.dumps({"summary": summarize(tables), "norm_free_model": str(result.norm_free_model),
+                          "checkpoint_dir": str(result.checkpoint_dir),
                           "run": str(run_path) if run_path else None,
                           "eval": json.loads(tables["ln_removal_eval"].to_json(orient="records"))}))
     else:
         _print_tables({"ln_removal_eval": tables["ln_removal_eval"]}, "table", run_path)
-        print(f"norm-free model: {output} (load it with --model {output})")
+        print(f"norm-free model: {result.norm_free_model} (load it with --model {result.norm_free_model})")
+    if save_error:
+        raise UserError(f"the run was not saved in {args.runs_dir}: {save_error}")
     return 0

@@ -4,20 +4,23 @@ per-token scale each one divides by.
 A *real* norm divides by a data-dependent scale, `sqrt(mean(x_c^2) + eps)` per token,
 where `x_c` is the token's vector centred over dims (LayerNorm) or not (RMSNorm).  A
 `FrozenNorm` divides by a fixed number instead (Heimersheim 2024, "You can remove GPT2's
-LayerNorm by fine-tuning").  LN removal turns every real norm into a frozen one.
+LayerNorm by fine-tuning").  LN removal turns every real norm into a frozen one: each is
+first wrapped in a `RemovableNorm`, the real norm that measures its own average scale, and
+frozen at that average when the schedule reaches it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from jaxtyping import Float
 
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import NormKind, get_module
-from layerscope.probes.interventions import FrozenNorm
+from layerscope.probes.interventions import FrozenNorm, swap_module
 from layerscope.probes.zoo import LoadedModel
 
 NormGroup = Literal["mlp", "attn", "final", "other"]
@@ -116,3 +119,94 @@ def require_norms(loaded: LoadedModel) -> list[NormSite]:
         raise UserError(f"{loaded.spec.name} has no norm that divides by a data-dependent scale "
                         "(no LayerNorm or RMSNorm, or every norm is already frozen): nothing to remove")
     return sites
+
+
+# ---------------------------------------------------------------- the fake norm of LN removal
+
+class RemovableNorm(FrozenNorm):
+    """A norm that is the real one until frozen, keeping a running average of its
+    per-token scale meanwhile (position 0, the other positions, and all positions apart).
+
+    Live, the output is the wrapped norm's own forward, bit for bit.  `freeze()` turns it
+    into a `FrozenNorm` dividing by the averaged scale.  The wrapped module is held outside
+    the module tree, so each weight appears once in parameters and state dicts.
+    """
+
+    def __init__(self, norm: torch.nn.Module, site: NormSite, momentum: float | None):
+        super().__init__(norm, site.kind, 1.0, None, site.weight_offset)
+        object.__setattr__(self, "real", norm)
+        self.site = site
+        self.eps = site.eps
+        # None: a plain cumulative mean (calibration); otherwise an exponential average.
+        self.momentum = momentum
+        self.tracking = False
+        self.register_buffer("frozen", torch.tensor(False))
+        self.register_buffer("average", torch.zeros(3, dtype=torch.float64))  # first, rest, all
+        self.register_buffer("updates", torch.tensor(0))
+
+    @property
+    def live(self) -> bool:
+        return not bool(self.frozen)
+
+    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        if bool(self.frozen):
+            return super().forward(x)
+        if self.tracking:
+            self._observe(x.detach())
+        return self.real(x)
+
+    @torch.no_grad()
+    def _observe(self, x: Float[torch.Tensor, "batch pos d_model"]) -> None:
+        s = token_scale(x.float(), self.kind, self.eps)
+        rest = s[:, 1:] if s.shape[1] > 1 else s
+        batch = torch.stack([s[:, 0].mean(), rest.mean(), s.mean()]).double()
+        self.updates += 1
+        if self.updates == 1:
+            self.average.copy_(batch)
+        elif self.momentum is None:
+            self.average += (batch - self.average) / self.updates
+        else:
+            self.average.mul_(self.momentum).add_((1 - self.momentum) * batch)
+
+    def freeze(self, shared_first_scale: bool) -> None:
+        if int(self.updates) == 0:
+            raise RuntimeError("a norm was frozen before its scale was measured")
+        first, rest, every = self.average.tolist()
+        self.scale.fill_(every if shared_first_scale else rest)
+        self.first_scale.fill_(every if shared_first_scale else first)
+        self.frozen.fill_(True)
+
+
+def wrap_norms(loaded: LoadedModel, momentum: float | None) -> dict[str, RemovableNorm]:
+    """Replace every real norm by a live `RemovableNorm` (same output); role -> wrapper."""
+    wrapped = {}
+    for site in require_norms(loaded):
+        wrapper = RemovableNorm(get_module(loaded.model, site.path), site, momentum)
+        swap_module(loaded.model, site.path, wrapper)
+        wrapped[site.role] = wrapper
+    return wrapped
+
+
+def unwrap_norms(loaded: LoadedModel, wrapped: dict[str, RemovableNorm]) -> None:
+    """Put the real norms back (they share their weights with the wrappers)."""
+    for wrapper in wrapped.values():
+        swap_module(loaded.model, wrapper.site.path, wrapper.real)
+
+
+@contextlib.contextmanager
+def tracking(wrapped: dict[str, RemovableNorm]) -> Iterator[None]:
+    """Live wrappers average the scales they see while inside."""
+    for wrapper in wrapped.values():
+        wrapper.tracking = True
+    try:
+        yield
+    finally:
+        for wrapper in wrapped.values():
+            wrapper.tracking = False
+
+
+def frozen_scales(wrapped: dict[str, RemovableNorm]) -> list[dict]:
+    """role, path, kind, scale, first_scale and weight_offset of every frozen wrapper."""
+    return [{"role": role, "path": w.site.path, "kind": w.kind, "scale": float(w.scale),
+             "first_scale": float(w.first_scale), "weight_offset": w.weight_offset}
+            for role, w in wrapped.items() if not w.live]

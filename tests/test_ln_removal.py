@@ -205,23 +205,31 @@ TINY_ARGS = ["--seq-len", "32", "--batch-size", "4", "--train-tokens", "1024", "
 
 
 def test_cli_run_saves_a_loadable_model_and_a_run(capsys, tmp_path):
-    code, out, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path),
+    runs = tmp_path / "runs"
+    code, out, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(runs),
                           "--checkpoint-every", "4", "--format", "json")
     assert code == 0, err
     payload = json.loads(out)
     models = [row["model"] for row in payload["eval"]]
     assert models == ["original", "removed, no fine-tune", "vanilla fine-tune", "norm-free"]
     _assert_norm_free(load_model(payload["norm_free_model"]))
-    from layerscope.analysis.store import load_run
+    # The model and checkpoints go beside the run store, never inside it.
+    assert payload["norm_free_model"] == str(tmp_path / "ln-removal" / "tiny-gpt2-norm-free")
+    assert payload["checkpoint_dir"] == str(tmp_path / "ln-removal" / "tiny-gpt2")
+    assert sorted(p.name for p in (tmp_path / "ln-removal" / "tiny-gpt2").iterdir()) == ["control.pt", "removal.pt"]
+    from layerscope.analysis.store import list_runs, load_run
 
-    manifest, tables = load_run(payload["run"].split("/")[-1], tmp_path)
+    assert [p.name for p in runs.iterdir()] == [payload["run"].split("/")[-1]]
+    assert [(r["metric"], r["status"]) for r in list_runs(runs)] == [("ln-removal", "complete")]
+    manifest, tables = load_run(payload["run"].split("/")[-1], runs)
     assert manifest["metric"] == "ln-removal" and manifest["status"] == "complete"
+    assert manifest["norm_free_model"] == payload["norm_free_model"]
     assert set(tables) == {"ln_removal_eval", "ln_removal_loss", "ln_removal_schedule"}
     loss = tables["ln_removal_loss"]
     assert (loss.groupby("run").size() == 10).all()
     assert tables["ln_removal_schedule"]["role"].tolist()[-1] == "final_norm"
     # Without --resume an existing checkpoint is not overwritten.
-    code, _, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path))
+    code, _, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(runs))
     assert code == 2 and "already holds checkpoints" in err
 
 
@@ -231,18 +239,19 @@ def test_cli_run_saves_a_loadable_model_and_a_run(capsys, tmp_path):
     (["--steps", "12", "--lr", "1e38", "--grad-clip", "0", "--checkpoint-every", "1"], "at step 1: stopped; the last good checkpoint, with 1 steps done"),
 ])
 def test_cli_bad_input_is_one_line(capsys, tmp_path, extra, message):
-    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--runs-dir", str(tmp_path), *extra)
+    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), *extra)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_cli_refuses_a_model_without_norms_and_a_resume_for_another_model(capsys, tmp_path):
-    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path),
+    runs = str(tmp_path / "runs")
+    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--steps", "10", "--runs-dir", runs,
                         "--no-control", "--no-save")
     assert code == 0, err
     norm_free = tmp_path / "ln-removal" / "tiny-llama-norm-free"
-    code, _, err = _cli(capsys, "--model", str(norm_free), *TINY_ARGS, "--runs-dir", str(tmp_path))
+    code, _, err = _cli(capsys, "--model", str(norm_free), *TINY_ARGS, "--runs-dir", runs)
     assert code == 2 and "has no norm that divides by a data-dependent scale" in err and err.count("\n") == 1
-    code, _, err = _cli(capsys, "--model", "tiny-qwen2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(tmp_path),
+    code, _, err = _cli(capsys, "--model", "tiny-qwen2", *TINY_ARGS, "--steps", "10", "--runs-dir", runs,
                         "--checkpoint-dir", str(tmp_path / "ln-removal" / "tiny-llama"), "--resume")
     assert code == 2 and "is a run for model 'tiny-llama', not 'tiny-qwen2'" in err and err.count("\n") == 1
 

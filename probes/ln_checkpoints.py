@@ -1,0 +1,219 @@
+"""What LN removal keeps on disk: its checkpoints, the norm-free model, and where both go.
+
+Neither ever lives inside the run store (DESIGN section 7): the store lists every folder it
+holds as a run, and `layerscope runs rm` deletes them.  By default both go to
+`ln-removal/` beside the run store (`./ln-removal/` for the default `./runs/`).  Every
+folder is checked before any training, so a bad path costs no compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from layerscope.probes.errors import UserError
+from layerscope.probes.families import get_module
+from layerscope.probes.interventions import FrozenNorm, swap_module
+from layerscope.probes.zoo import FROZEN_NORMS_FILE, LoadedModel
+
+CHECKPOINT_FORMAT = 1
+WORK_FOLDER = "ln-removal"
+REMOVAL_CHECKPOINT = "removal.pt"
+CONTROL_CHECKPOINT = "control.pt"
+
+
+# ---------------------------------------------------------------- where things go
+
+@dataclass(frozen=True)
+class RemovalPaths:
+    """The checkpoint folder (removal and control checkpoints) and the norm-free model folder."""
+
+    checkpoint_dir: Path
+    output: Path
+
+    @property
+    def removal(self) -> Path:
+        return self.checkpoint_dir / REMOVAL_CHECKPOINT
+
+    @property
+    def control(self) -> Path:
+        return self.checkpoint_dir / CONTROL_CHECKPOINT
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
+
+
+def default_folder(runs_dir: Path) -> Path:
+    """`ln-removal/` beside the run store: its sibling, never inside it."""
+    runs = Path(runs_dir)
+    if runs.name in ("", ".", ".."):
+        runs = runs.resolve()
+    return runs.parent / WORK_FOLDER
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_outside_store(path: Path, runs_dir: Path, flag: str) -> None:
+    if _inside(path, runs_dir):
+        raise UserError(f"{flag} {path} is inside the run store {runs_dir}, which lists and deletes what it holds "
+                        f"as runs; keep models and checkpoints outside it (e.g. {default_folder(runs_dir)})")
+
+
+def _check_can_be_folder(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} cannot be written: {existing} is not writable")
+
+
+def is_norm_free_folder(path: Path) -> bool:
+    return (Path(path) / FROZEN_NORMS_FILE).is_file()
+
+
+def check_replaceable_model_folder(path: Path, flag: str = "--output") -> None:
+    """The norm-free model replaces its folder wholesale, so the folder must be new, empty,
+    or a norm-free model saved before."""
+    _check_can_be_folder(path, flag)
+    if path.is_dir() and any(path.iterdir()) and not is_norm_free_folder(path):
+        raise UserError(f"{flag} {path} is a folder that holds something other than a norm-free model; "
+                        "it would be replaced: choose a new folder")
+
+
+def plan_paths(runs_dir: Path, model_name: str, checkpoint_dir: Path | None = None, output: Path | None = None,
+               resume: bool = False) -> RemovalPaths:
+    """Resolve the default folders and check them all before any work: outside the run
+    store, folders rather than files, a model folder that may be replaced, and checkpoints
+    that match `resume` (present to resume, absent to start)."""
+    base = default_folder(runs_dir)
+    paths = RemovalPaths(Path(checkpoint_dir) if checkpoint_dir is not None else base / safe_name(model_name),
+                         Path(output) if output is not None else base / f"{safe_name(model_name)}-norm-free")
+    _check_outside_store(paths.checkpoint_dir, runs_dir, "--checkpoint-dir")
+    _check_outside_store(paths.output, runs_dir, "--output")
+    _check_can_be_folder(paths.checkpoint_dir, "--checkpoint-dir")
+    check_replaceable_model_folder(paths.output)
+    if _inside(paths.checkpoint_dir, paths.output):
+        raise UserError(f"--output {paths.output} would hold --checkpoint-dir {paths.checkpoint_dir}, and saving "
+                        "the model replaces that folder: choose separate folders")
+    for checkpoint in (paths.removal, paths.control):
+        if checkpoint.is_dir():
+            raise UserError(f"{checkpoint} is a folder, not a checkpoint file: choose another --checkpoint-dir")
+    if resume and not paths.removal.exists():
+        raise UserError(f"--resume: no checkpoint in {paths.checkpoint_dir}")
+    if not resume and (paths.removal.exists() or paths.control.exists()):
+        raise UserError(f"{paths.checkpoint_dir} already holds checkpoints: continue with --resume, "
+                        "or delete them or choose another --checkpoint-dir")
+    return paths
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # unpickling raises many types
+        raise UserError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} is not an LN-removal checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def check_resumable(state: dict, path: Path, loaded: LoadedModel, config, data: dict, remove: bool) -> None:
+    """A checkpoint resumes only the run that wrote it: same model, kind and settings."""
+    if state["model"] != loaded.spec.name or state["weights_hash"] != loaded.weights_hash:
+        raise UserError(f"--resume: checkpoint {path} is a run for model {state['model']!r}, "
+                        f"not {loaded.spec.name!r}; pass the same --model or another --checkpoint-dir")
+    if state["remove"] != remove:
+        raise UserError(f"--resume: checkpoint {path} is a {'removal' if state['remove'] else 'control'} run")
+    changed = [k for k, v in asdict(config).items() if state["config"].get(k) != v]
+    changed += [k for k, v in data.items() if state["data"].get(k) != v]
+    if changed:
+        raise UserError(f"--resume: settings differ from the checkpoint's ({', '.join(changed)}); "
+                        "resume with the same command")
+
+
+# ---------------------------------------------------------------- the norm-free model on disk
+
+def save_norm_free(loaded: LoadedModel, target: Path, provenance: dict) -> Path:
+    """Write the model as an HF directory with its real norm modules and weights, plus
+    `FROZEN_NORMS_FILE` listing each frozen scale; `zoo.load_model(target)` puts the frozen
+    norms back.  The folder is built beside `target` and renamed into place; an existing
+    `target` is replaced only when it is empty or a norm-free model itself."""
+    model = loaded.model
+    frozen = {path: module for path, module in model.named_modules() if isinstance(module, FrozenNorm)}
+    if not frozen:
+        raise UserError("the model has no frozen norm to save")
+    entries = [{"path": path, "kind": m.kind, "scale": float(m.scale), "first_scale": float(m.first_scale),
+                "weight_offset": m.weight_offset} for path, m in frozen.items()]
+    target = Path(target)
+    check_replaceable_model_folder(target, "the norm-free model folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
+    try:
+        for path, module in frozen.items():
+            swap_module(model, path, _real_like(module))
+        try:
+            model.save_pretrained(staging)
+        finally:
+            for path, module in frozen.items():
+                swap_module(model, path, module)
+        loaded.tokenizer.save_pretrained(staging)
+        (staging / FROZEN_NORMS_FILE).write_text(json.dumps({"format": 1, "norms": entries, **provenance}, indent=1))
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _real_like(frozen: FrozenNorm) -> torch.nn.Module:
+    """The real norm module a frozen one stands in for, carrying its (trained) weights."""
+    real = getattr(frozen, "real", None)
+    if real is None:
+        raise UserError("only norms frozen by LN removal can be saved")
+    return real
+
+
+def restore_frozen_norms(model: torch.nn.Module, spec_file: Path) -> None:
+    """Replace the norms listed in a `FROZEN_NORMS_FILE` by `FrozenNorm`s with their scales."""
+    try:
+        entries = json.loads(Path(spec_file).read_text())["norms"]
+        for entry in entries:
+            norm = get_module(model, entry["path"])
+            swap_module(model, entry["path"], FrozenNorm(norm, entry["kind"], entry["scale"], entry["first_scale"],
+                                                         entry["weight_offset"]))
+    except (OSError, ValueError, KeyError, AttributeError, IndexError) as err:
+        raise UserError(f"{spec_file} does not describe this model's norms: {err}") from None

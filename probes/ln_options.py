@@ -1,0 +1,101 @@
+"""The typed options of LN removal: the budget and schedule (`RemovalConfig`), the data
+(`RemovalData`) and one experiment (`RemovalOptions`).  Frozen dataclasses whose field
+metadata become the CLI's flags; importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from layerscope.probes.errors import UserError
+
+if TYPE_CHECKING:
+    from layerscope.probes.corpus import TokenWindows
+    from layerscope.probes.ln_checkpoints import RemovalPaths
+    from layerscope.probes.zoo import LoadedModel
+
+
+@dataclass(frozen=True)
+class RemovalConfig:
+    """The fine-tuning budget and the removal schedule."""
+
+    steps: int = field(default=300, metadata={"help": "fine-tuning steps in all (the budget)"})
+    start: int = field(default=10, metadata={"help": "steps with every norm in place before the first removal"})
+    gap_mlp: int = field(default=2, metadata={"help": "steps between removals of pre-MLP norms"})
+    gap_attn: int = field(default=2, metadata={"help": "steps between removals of pre-attention norms"})
+    gap_final: int = field(default=5, metadata={"help": "steps before the final norm (and any other norm) is removed"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    lr_warmup: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up"})
+    decay: str = field(default="cosine", metadata={"help": "learning-rate decay after warm-up",
+                                                   "choices": ["cosine", "constant"]})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at this fraction of --lr"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
+    aux_weight: float = field(default=0.0, metadata={
+        "help": "weight of the auxiliary loss keeping the final residual's per-token std near its mean"})
+    momentum: float = field(default=0.9, metadata={"help": "running-average momentum of each norm's scale"})
+    shared_first_scale: bool = field(default=False, metadata={
+        "help": "freeze one scale for every position (default: position 0, the BOS/sink token, gets its own)"})
+    seed: int = field(default=0, metadata={"help": "seed of the batch order and of the masked-token draws"})
+
+    def __post_init__(self):
+        for name in ("steps", "gap_mlp", "gap_attn", "gap_final"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.start < 0 or self.lr_warmup < 0:
+            raise UserError("start and lr_warmup must not be negative")
+        if not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class RemovalData:
+    """Disjoint train and evaluation windows cut from one corpus."""
+
+    corpus: str = field(default="stdlib", metadata={"help": "'stdlib', a .txt or .jsonl file, or 'text:...'"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per window"})
+    batch_size: int = field(default=8, metadata={"help": "windows per training step"})
+    train_tokens: int = field(default=65536, metadata={"help": "training tokens (cycled when steps need more)"})
+    eval_tokens: int = field(default=8192, metadata={"help": "evaluation tokens, after the training windows"})
+
+    def windows(self, loaded: LoadedModel) -> tuple[TokenWindows, TokenWindows]:
+        from layerscope.probes.corpus import CorpusSpec, token_windows
+
+        train = token_windows(CorpusSpec(self.corpus, self.seq_len, self.train_tokens, self.batch_size),
+                              loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+        evaluation = token_windows(CorpusSpec(self.corpus, self.seq_len, self.eval_tokens, self.batch_size),
+                                   loaded.tokenizer, loaded.bos_token_id, loaded.max_context,
+                                   skip_windows=train.input_ids.shape[0])
+        return train, evaluation
+
+
+@dataclass(frozen=True)
+class RemovalOptions:
+    """One LN-removal experiment: the schedule and budget, where its files go, and whether
+    to run the controls.
+
+    `checkpoint_dir` and `output` default to `ln-removal/<model>/` and
+    `ln-removal/<model>-norm-free/` beside `runs_dir`; neither may lie inside `runs_dir`.
+    """
+
+    config: RemovalConfig = field(default_factory=RemovalConfig)
+    runs_dir: Path = Path("runs")
+    checkpoint_dir: Path | None = None
+    output: Path | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    control: bool = True
+
+    def __post_init__(self):
+        if self.checkpoint_every < 1:
+            raise UserError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+
+    def paths(self, model_name: str) -> RemovalPaths:
+        """The checkpoint and model folders, checked (see `ln_checkpoints.plan_paths`)."""
+        from layerscope.probes.ln_checkpoints import plan_paths
+
+        return plan_paths(self.runs_dir, model_name, self.checkpoint_dir, self.output, self.resume)
