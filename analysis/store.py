@@ -6,6 +6,11 @@ The staging folder names its writer (pid and host) in `.owner`: while that proce
 the run lists as `running`; once it is gone the leftover lists as `interrupted`.  Run ids
 carry a random suffix and every writer has its own staging folder, so concurrent runs
 never clash; the final rename refuses to replace an existing run.
+
+Only folders that look like runs are listed or removed: a folder with `manifest.json` or
+Parquet tables, or a staging folder holding nothing but what a writer puts there.  Any
+other folder (a model, checkpoints, a notebook's cache) is not the store's to list or
+delete; models and checkpoints belong outside the store anyway (DESIGN section 7).
 """
 
 from __future__ import annotations
@@ -150,6 +155,32 @@ def _writer_alive(staging: Path) -> tuple[bool, int | None]:
     return True, owner["pid"]
 
 
+def _is_staging(folder: Path) -> bool:
+    """`.<run_id>.<random>` holding only what `open_run` writes (possibly nothing yet)."""
+    stem, dot, suffix = folder.name[1:].rpartition(".")
+    if not (folder.name.startswith(".") and stem and dot and suffix):
+        return False
+    try:
+        return all(entry.name in (OWNER, MANIFEST) or entry.suffix == ".parquet" for entry in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """A run, complete or damaged, or a run's staging folder; never a model or checkpoint folder."""
+    if folder.name.startswith("."):
+        return _is_staging(folder)
+    try:
+        return (folder / MANIFEST).exists() or any(entry.suffix == ".parquet" for entry in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _not_a_run(folder: Path) -> UserError:
+    return UserError(f"{folder} is not a run (it holds no manifest.json or tables); "
+                     "layerscope does not read or remove it")
+
+
 def _describe(folder: Path) -> dict:
     if folder.name.startswith("."):
         alive, pid = _writer_alive(folder)
@@ -185,7 +216,7 @@ def list_runs(root: Path = DEFAULT_ROOT) -> list[dict]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return [_describe(folder) for folder in sorted(root.iterdir()) if folder.is_dir()]
+    return [_describe(folder) for folder in sorted(root.iterdir()) if folder.is_dir() and _is_run_folder(folder)]
 
 
 def find_run(key: str, root: Path = DEFAULT_ROOT) -> str | None:
@@ -213,6 +244,8 @@ def load_run(run_id: str, root: Path = DEFAULT_ROOT) -> tuple[dict, dict[str, pd
             raise UserError(f"run {run_id!r} is {staged[0]['status']}, not complete; "
                             f"remove it with `layerscope runs rm {run_id}`")
         raise UserError(f"run {run_id!r} not found in {root}")
+    if not _is_run_folder(folder):
+        raise _not_a_run(folder)
     row = _describe(folder)
     if row["status"] != COMPLETE:
         raise UserError(f"run {run_id!r} is {row['status']} ({row['problem']}); "
@@ -231,6 +264,8 @@ def remove_run(run_id: str, root: Path = DEFAULT_ROOT) -> list[Path]:
     root = Path(root)
     folder = root / _check_run_id(run_id)
     if folder.is_dir():
+        if not _is_run_folder(folder):
+            raise _not_a_run(folder)
         shutil.rmtree(folder)
         return [folder]
     leftovers = [row for row in list_runs(root) if row["run_id"] == run_id and row["path"] != str(folder)]
