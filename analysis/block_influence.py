@@ -20,9 +20,7 @@ import plotly.graph_objects as go
 import torch
 
 from layerscope.analysis.metric import Metric, Tables
-from layerscope.analysis.placements import over_placements
-from layerscope.probes.capture import Capture, ProbeSpec, capture
-from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.errors import UserError
 from layerscope.probes.reducers import LayerCosines
 from layerscope.probes.zoo import LoadedModel
@@ -40,7 +38,10 @@ class BlockInfluenceOptions:
             raise UserError(f"--angular must be 0 or a positive number of blocks, got {self.angular}")
 
 
-def probe(options: BlockInfluenceOptions) -> ProbeSpec:
+def probe(options: BlockInfluenceOptions, loaded: LoadedModel) -> ProbeSpec:
+    if options.angular > loaded.n_layers:
+        raise UserError(f"--angular {options.angular} is larger than the depth of {loaded.spec.name} "
+                        f"({loaded.n_layers} blocks)")
     return ProbeSpec(reducers=(LayerCosines(span=options.angular, exclude_first=options.exclude_first),))
 
 
@@ -67,16 +68,8 @@ def removal_order(table: pd.DataFrame) -> list[int]:
     return table.sort_values("block_influence")["layer"].tolist()
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: BlockInfluenceOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    if options.angular > loaded.n_layers:
-        raise UserError(f"--angular {options.angular} is larger than the depth of {loaded.spec.name} "
-                        f"({loaded.n_layers} blocks)")
-
-    def one(model: LoadedModel) -> pd.DataFrame:
-        return block_influence(capture(model, windows, probe(options), backend=backend, progress=progress))
-
-    return {"block_influence": over_placements(loaded, options.placements, one)}
+def tables(captured: Capture, loaded: LoadedModel, options: BlockInfluenceOptions) -> Tables:
+    return {"block_influence": block_influence(captured)}
 
 
 def figure(table: pd.DataFrame) -> go.Figure:
@@ -115,5 +108,5 @@ def summarize(tables: Tables) -> list[str]:
 
 
 METRIC = Metric("block-influence", "Block Influence (ShortGPT) per block and sublayer, with removal order",
-                run, options=BlockInfluenceOptions, figures=lambda t: [figure(t["block_influence"])],
+                probe=probe, tables=tables, options=BlockInfluenceOptions, figures=lambda t: [figure(t["block_influence"])],
                 summarize=summarize)

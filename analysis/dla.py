@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 import torch
 
 from layerscope.analysis.metric import Metric, Tables
-from layerscope.probes.capture import Capture, ProbeSpec, capture
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.direct_logit import CHECK_FIELDS, COMPONENT_FIELDS, DirectLogitAttribution
 from layerscope.probes.zoo import LoadedModel
@@ -83,10 +83,12 @@ def dla(capture: Capture, decode=None) -> Tables:
     return {"dla": table, "dla_check": summary, "dla_tokens": tokens.astype({"layer": "Int64"})}
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: DLAOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    probe = ProbeSpec(reducers=(DirectLogitAttribution(token=options.token),))
-    return dla(capture(loaded, windows, probe, backend=backend, progress=progress), decode=loaded.tokenizer.decode)
+def probe(options: DLAOptions, loaded: LoadedModel) -> ProbeSpec:
+    return ProbeSpec(reducers=(DirectLogitAttribution(token=options.token),))
+
+
+def tables(captured: Capture, loaded: LoadedModel, options: DLAOptions) -> Tables:
+    return dla(captured, decode=loaded.tokenizer.decode)
 
 
 def dla_figure(table: pd.DataFrame, check: pd.DataFrame | None = None) -> go.Figure:
@@ -150,5 +152,5 @@ def _display(tables: Tables) -> Tables:
 
 
 METRIC = Metric("dla", "direct logit attribution of the embedding and each attention and MLP output "
-                "(exact on a norm-free model)", run, options=DLAOptions, figures=_figures,
+                "(exact on a norm-free model)", probe=probe, tables=tables, options=DLAOptions, figures=_figures,
                 summarize=_summarize, display=_display, causal_only=True)

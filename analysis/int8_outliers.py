@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 import torch
 
 from layerscope.analysis.metric import Metric, Tables
-from layerscope.probes.capture import Capture, ProbeSpec, capture
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.outlier_reducers import ProjectionOutliers
@@ -42,7 +42,7 @@ class Int8Options:
         _fraction("min_token_frac", self.min_token_frac)
 
 
-def probe(options: Int8Options) -> ProbeSpec:
+def probe(options: Int8Options, loaded: LoadedModel) -> ProbeSpec:
     return ProbeSpec((ProjectionOutliers(threshold=options.threshold),))
 
 
@@ -94,9 +94,7 @@ def outlier_layers(cells: pd.DataFrame, n_layers: int, min_token_frac: float = 0
     return pd.DataFrame(rows)
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: Int8Options, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    captured = capture(loaded, windows, probe(options), backend=backend, progress=progress)
+def tables(captured: Capture, loaded: LoadedModel, options: Int8Options) -> Tables:
     cells = outlier_cells(captured)
     features = outlier_features(cells, loaded.n_layers, options.min_layer_frac, options.min_token_frac)
     return {"int8_features": features,
@@ -140,5 +138,5 @@ def _display(tables: Tables) -> Tables:
 
 
 METRIC = Metric("int8-outliers", "LLM.int8 outlier features: dims with |x| >= 6 at the projection inputs in >= 25% "
-                "of layers and >= 6% of tokens", run, options=Int8Options, figures=_figures, summarize=_summarize,
+                "of layers and >= 6% of tokens", probe=probe, tables=tables, options=Int8Options, figures=_figures, summarize=_summarize,
                 display=_display)

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 import torch
 
 from layerscope.analysis.metric import Metric, NoOptions, Tables
-from layerscope.probes.capture import Capture, ProbeSpec, capture
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.outlier_reducers import TokenKurtosis
 from layerscope.probes.zoo import LoadedModel
@@ -53,9 +53,8 @@ def kurtosis_overall(by_layer: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: NoOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    by_layer = kurtosis_by_layer(capture(loaded, windows, PROBE, backend=backend, progress=progress))
+def tables(captured: Capture, loaded: LoadedModel, options: NoOptions) -> Tables:
+    by_layer = kurtosis_by_layer(captured)
     return {"kurtosis": by_layer, "kurtosis_overall": kurtosis_overall(by_layer)}
 
 
@@ -84,4 +83,4 @@ def _summarize(tables: Tables) -> list[str]:
 
 
 METRIC = Metric("kurtosis", "excess kurtosis relu(m4/m2^2 - 3) of each token's activations, per layer and overall",
-                run, figures=_figures, summarize=_summarize)
+                probe=lambda options, loaded: PROBE, tables=tables, figures=_figures, summarize=_summarize)

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
 from layerscope.analysis.metric import Metric, Tables
+from layerscope.probes.capture import Capture
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.replay import SkipSweep, skip_sweep
@@ -72,8 +73,8 @@ def skip_tables(sweep: SkipSweep) -> Tables:
     return {"layer_skip": table, "skip_future": future}
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: LayerSkipOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
+def replay(loaded: LoadedModel, windows: TokenWindows, options: LayerSkipOptions, captured: Capture | None,
+           found: Tables, progress: bool = False) -> Tables:
     layers = chosen_layers(options, loaded.n_layers)
     with tqdm(total=len(windows) * len(layers), disable=not progress, unit="skip",
               desc=f"skip sweep ({options.part})") as bar:
@@ -128,4 +129,4 @@ def summarize(tables: Tables) -> list[str]:
 
 
 METRIC = Metric("layer-skip", "cost of skipping each block or sublayer, and its effect on later layers",
-                run, options=LayerSkipOptions, figures=figures, summarize=summarize)
+                replay=replay, kind="replay", options=LayerSkipOptions, figures=figures, summarize=summarize)

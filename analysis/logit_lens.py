@@ -12,8 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from layerscope.analysis.metric import Metric, NoOptions, Tables
-from layerscope.probes.capture import Capture, ProbeSpec, capture
-from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.reducers import LogitLens
 from layerscope.probes.zoo import LoadedModel
 
@@ -37,9 +36,8 @@ def logit_lens(captured: Capture, decode) -> Tables:
     return {"logit_lens": per_layer, "lens_grid": pd.DataFrame(rows)}
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: NoOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    return logit_lens(capture(loaded, windows, PROBE, backend=backend, progress=progress), loaded.tokenizer.decode)
+def tables(captured: Capture, loaded: LoadedModel, options: NoOptions) -> Tables:
+    return logit_lens(captured, loaded.tokenizer.decode)
 
 
 def curve_figure(table: pd.DataFrame) -> go.Figure:
@@ -76,5 +74,5 @@ def summarize(tables: Tables) -> list[str]:
 
 
 METRIC = Metric("logit-lens", "logit lens: CE, top-1 and KL to the final layer of each block's output",
-                run, figures=lambda t: [curve_figure(t["logit_lens"]), grid_figure(t["lens_grid"])],
+                probe=lambda options, loaded: PROBE, tables=tables, figures=lambda t: [curve_figure(t["logit_lens"]), grid_figure(t["lens_grid"])],
                 summarize=summarize, causal_only=True)

@@ -14,6 +14,7 @@ within 1.2%; nothing per token is kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,8 @@ from layerscope.probes.outlier_reducers import MassiveActivations, NextTokenLoss
 from layerscope.probes.zoo import LoadedModel
 
 INTERVENTIONS = ("zero", "mean", "both")
+# Each kept entry costs a few numbers per layer; beyond this a table stops being readable.
+MAX_TOP_K = 1000
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,19 @@ class MassiveOptions:
                 "and report the change in loss", "choices": list(INTERVENTIONS)})
 
     def __post_init__(self):
-        if self.top_k < 1:
-            raise UserError(f"top_k must be at least 1, got {self.top_k}")
-        if self.min_value < 0:
-            raise UserError(f"min_value must be >= 0, got {self.min_value}")
-        if self.min_ratio <= 0:
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise UserError(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
+        if not math.isfinite(self.min_value) or self.min_value < 0:
+            raise UserError(f"min_value must be a finite number >= 0, got {self.min_value}")
+        if not math.isfinite(self.min_ratio) or self.min_ratio <= 0:
             raise UserError(f"min_ratio must be positive, got {self.min_ratio}")
         if self.intervene is not None and self.intervene not in INTERVENTIONS:
             raise UserError(f"intervene must be one of {', '.join(INTERVENTIONS)}, got {self.intervene!r}")
 
 
-def probe(options: MassiveOptions) -> ProbeSpec:
+def probe(options: MassiveOptions, loaded: LoadedModel) -> ProbeSpec:
+    if options.intervene and not loaded.adapter.causal:
+        raise UserError(f"--intervene compares next-token losses; {loaded.spec.name} is an encoder")
     return ProbeSpec((MassiveActivations(k=options.top_k, min_value=options.min_value),))
 
 
@@ -168,18 +173,18 @@ def massive_intervention(loaded: LoadedModel, windows: TokenWindows, dims: pd.Da
     return pd.DataFrame(rows)
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: MassiveOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    if options.intervene and not loaded.adapter.causal:
-        raise UserError(f"--intervene compares next-token losses; {loaded.spec.name} is an encoder")
-    captured = capture(loaded, windows, probe(options), backend=backend, progress=progress)
+def tables(captured: Capture, loaded: LoadedModel, options: MassiveOptions) -> Tables:
     decode = loaded.tokenizer.decode
     dims = massive_dims(captured, options.min_ratio, decode)
-    tables = {"massive_top": massive_activations(captured, options.min_ratio, decode), "massive_dims": dims,
-              "massive_persistence": massive_persistence(dims)}
-    if options.intervene:
-        tables["massive_intervention"] = massive_intervention(loaded, windows, dims, options, progress)
-    return tables
+    return {"massive_top": massive_activations(captured, options.min_ratio, decode), "massive_dims": dims,
+            "massive_persistence": massive_persistence(dims)}
+
+
+def replay(loaded: LoadedModel, windows: TokenWindows, options: MassiveOptions, captured: Capture,
+           found: Tables, progress: bool = False) -> Tables:
+    if not options.intervene:
+        return {}
+    return {"massive_intervention": massive_intervention(loaded, windows, found["massive_dims"], options, progress)}
 
 
 def massive_figure(top: pd.DataFrame) -> go.Figure:
@@ -256,5 +261,5 @@ def _display(tables: Tables) -> Tables:
 
 
 METRIC = Metric("massive", "massive activations per layer (Sun et al.): top-k |x|, median, ratio, persistence, "
-                "and zero/mean interventions", run, options=MassiveOptions, figures=_figures,
+                "and zero/mean interventions", probe=probe, tables=tables, replay=replay, options=MassiveOptions, figures=_figures,
                 summarize=_summarize, display=_display)

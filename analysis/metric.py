@@ -1,13 +1,23 @@
-"""What a measurement is: how it runs, what it returns, how it is drawn and summarised."""
+"""What a measurement is: what it reads from a pass, how it builds its tables, what it
+replays, how it is drawn and summarised.
+
+There are two kinds.  A *streaming* measurement declares reducers (`probe`) and builds its
+tables from the folded statistics (`tables`); the runner folds the reducers of every
+requested streaming measurement in one pass.  A *replay* measurement also re-runs parts of
+the model (`replay`): skipping blocks, pruning, intervening on activations or weights.  It
+starts from what the shared pass measured.
+"""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import pandas as pd
 import plotly.graph_objects as go
 
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.zoo import LoadedModel
@@ -28,36 +38,66 @@ def _nothing(tables: Tables) -> list:
     return []
 
 
+def no_probe(options, loaded: LoadedModel) -> ProbeSpec:
+    return ProbeSpec(())
+
+
+def no_tables(captured: Capture, loaded: LoadedModel, options) -> Tables:
+    return {}
+
+
+# replay(loaded, windows, options, captured, tables, progress) -> more tables
+Replay = Callable[[LoadedModel, TokenWindows, object, Capture, Tables, bool], Tables]
+
+
 @dataclass(frozen=True)
 class Metric:
     """A measurement.
 
-    `run(loaded, windows, options, backend=..., progress=...)` returns named tidy tables;
-    `figures(tables)` draws them; `summarize(tables)` gives one-line findings for the demo;
-    `display(tables)` picks what the CLI prints as a table (JSON and runs keep everything).
-    `options` is a frozen dataclass whose fields become CLI flags (help in field metadata).
+    `probe(options, loaded)` declares the reducers it needs from the shared pass (and checks
+    the options against the model); `tables(capture, loaded, options)` builds named tidy
+    tables from them; `replay(...)`, when given, adds tables that need the model run again
+    and returns nothing extra when the options ask for no replay.  `kind` is "replay" for a
+    measurement that always re-runs the model (layer skips, pruning).  `figures(tables)` draws,
+    `summarize(tables)` gives one-line findings, `display(tables)` picks what the CLI prints.
+    `options` is a frozen dataclass whose fields become CLI flags and app controls.
     """
 
     name: str
     summary: str
-    run: Callable[..., Tables]
+    probe: Callable[[object, LoadedModel], ProbeSpec] = no_probe
+    tables: Callable[[Capture, LoadedModel, object], Tables] = no_tables
+    replay: Replay | None = None
     options: type = NoOptions
     figures: Callable[[Tables], list[go.Figure]] = _nothing
     summarize: Callable[[Tables], list[str]] = _nothing
     display: Callable[[Tables], Tables] = _same
     causal_only: bool = False
+    # "replay" when re-running the model is the measurement itself, not an option of it.
+    kind: str = "streaming"
     option_names: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
         object.__setattr__(self, "option_names", tuple(f.name for f in fields(self.options)))
 
+    @property
+    def about(self) -> str:
+        """The measurement module's docstring: what it measures and which paper it follows."""
+        defined_by = self.tables if self.tables is not no_tables else self.replay
+        return sys.modules[defined_by.__module__].__doc__ or ""
+
+    def applies_to(self, loaded: LoadedModel) -> bool:
+        return loaded.adapter.causal or not self.causal_only
+
     def check_applies(self, loaded: LoadedModel) -> None:
-        if self.causal_only and not loaded.adapter.causal:
+        if not self.applies_to(loaded):
             raise UserError(f"{self.name} needs a causal language model with an unembedding; "
                             f"{loaded.spec.name} is an encoder ({loaded.adapter.name})")
 
     def __call__(self, loaded: LoadedModel, windows: TokenWindows, options=None, backend: str = "hooks",
                  progress: bool = False) -> Tables:
-        self.check_applies(loaded)
-        return self.run(loaded, windows, options if options is not None else self.options(),
-                        backend=backend, progress=progress)
+        """This measurement alone, through the runner."""
+        from layerscope.analysis.runner import measure
+
+        chosen = {self.name: options} if options is not None else None
+        return measure(loaded, windows, [self.name], options=chosen, backend=backend, progress=progress).tables

@@ -8,41 +8,53 @@ which at each step removes the block whose removal costs least given those alrea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
-from layerscope.analysis.block_influence import BlockInfluenceOptions, block_influence, probe, removal_order
+from layerscope.analysis.block_influence import BlockInfluenceOptions, block_influence, removal_order
+from layerscope.analysis.block_influence import probe as block_influence_probe
 from layerscope.analysis.metric import Metric, Tables
-from layerscope.probes.capture import capture
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.replay import greedy_removal, mean_ce
 from layerscope.probes.zoo import LoadedModel
 
+DEFAULT_MAX_REMOVED = 4
+
 
 @dataclass(frozen=True)
 class PruneCurveOptions:
-    max_removed: int = field(default=4, metadata={"help": "remove up to this many blocks"})
+    max_removed: int | None = field(default=None, metadata={
+        "help": "remove up to this many blocks (default: 4, or one less than the depth)"})
     greedy: bool = field(default=True, metadata={"help": "also the greedy order with recomputation"})
     eval_tokens: int = field(default=1024, metadata={
         "help": "losses are measured on the corpus's first windows up to this many tokens"})
 
     def __post_init__(self):
-        if self.max_removed < 1:
+        if self.max_removed is not None and self.max_removed < 1:
             raise UserError(f"--max-removed must be at least 1, got {self.max_removed}")
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: PruneCurveOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    if options.max_removed >= loaded.n_layers:
+def probe(options: PruneCurveOptions, loaded: LoadedModel) -> ProbeSpec:
+    """The Block Influence that orders the removals comes from the shared pass."""
+    if loaded.n_layers < 2:
+        raise UserError(f"a pruning curve needs at least 2 blocks; {loaded.spec.name} has {loaded.n_layers}")
+    if options.max_removed is not None and options.max_removed >= loaded.n_layers:
         raise UserError(f"--max-removed {options.max_removed} must be below the depth ({loaded.n_layers})")
     if options.eval_tokens < 1:
         raise UserError(f"--eval-tokens must be positive, got {options.eval_tokens}")
-    bi = block_influence(capture(loaded, windows, probe(BlockInfluenceOptions()), backend=backend, progress=progress))
-    order = removal_order(bi)
+    return block_influence_probe(BlockInfluenceOptions(), loaded)
+
+
+def replay(loaded: LoadedModel, windows: TokenWindows, options: PruneCurveOptions, captured: Capture,
+           found: Tables, progress: bool = False) -> Tables:
+    if options.max_removed is None:
+        options = replace(options, max_removed=min(DEFAULT_MAX_REMOVED, loaded.n_layers - 1))
+    order = removal_order(block_influence(captured))
     windows = windows.head(options.eval_tokens)
     base = mean_ce(loaded, windows)
     rows = [{"method": "bi_order", "n_removed": 0, "removed": "", "layer_removed": -1, "ce": base}]
@@ -81,5 +93,5 @@ def summarize(tables: Tables) -> list[str]:
 
 
 METRIC = Metric("prune-curve", "loss against blocks removed, in BI order and greedily with recomputation",
-                run, options=PruneCurveOptions, figures=lambda t: [figure(t["prune_curve"])],
+                probe=probe, replay=replay, kind="replay", options=PruneCurveOptions, figures=lambda t: [figure(t["prune_curve"])],
                 summarize=summarize, causal_only=True)

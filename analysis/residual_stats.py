@@ -12,8 +12,7 @@ import pandas as pd
 import torch
 
 from layerscope.analysis.metric import Metric, NoOptions, Tables
-from layerscope.probes.capture import Capture, ProbeSpec, capture
-from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.reducers import FIRST, REST, ResidualMoments, moment_summary
 from layerscope.probes.zoo import LoadedModel
 
@@ -50,9 +49,7 @@ def residual_stats(capture: Capture, decode=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: NoOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    captured = capture(loaded, windows, PROBE, backend=backend, progress=progress)
+def tables(captured: Capture, loaded: LoadedModel, options: NoOptions) -> Tables:
     return {"residual_stats": residual_stats(captured, decode=loaded.tokenizer.decode)}
 
 
@@ -77,4 +74,4 @@ def _block_outputs(tables: Tables) -> Tables:
 
 
 METRIC = Metric("residual-stats", "per-layer mean norm, std, variance and max|x| of the residual stream",
-                run, figures=_figures, summarize=_summarize, display=_block_outputs)
+                probe=lambda options, loaded: PROBE, tables=tables, figures=_figures, summarize=_summarize, display=_block_outputs)

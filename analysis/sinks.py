@@ -37,11 +37,11 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from layerscope.analysis.metric import Metric, Tables
-from layerscope.probes.capture import Capture, ProbeSpec, capture
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
-from layerscope.probes.families import get_module
 from layerscope.probes.outlier_reducers import AttentionSinks, ResidualSinks
+from layerscope.probes.weight_edits import reading_norm_weights
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -60,7 +60,11 @@ class SinkOptions:
             raise UserError(f"top_dims must be at least 1, got {self.top_dims}")
 
 
-def probe(options: SinkOptions) -> ProbeSpec:
+def probe(options: SinkOptions, loaded: LoadedModel) -> ProbeSpec:
+    if options.top_dims > loaded.d_model:
+        raise UserError(f"top_dims {options.top_dims} is above d_model ({loaded.d_model}) of {loaded.spec.name}")
+    if options.keys > loaded.max_context:
+        raise UserError(f"keys {options.keys} is above the context ({loaded.max_context}) of {loaded.spec.name}")
     return ProbeSpec((AttentionSinks(eps=options.eps), ResidualSinks()))
 
 
@@ -120,21 +124,6 @@ def sink_summary(heads: pd.DataFrame, eps: float, windows: int, length: int, cau
     }])
 
 
-def reading_norm_weights(loaded: LoadedModel) -> list[tuple[str, Float[torch.Tensor, "d_model"] | None]]:
-    """Per block output, the path and effective weight (with the family's offset) of the norm
-    that reads it (Pre-LN) or wrote it (Post-LN); None where that norm has no weight."""
-    adapter, n = loaded.adapter, loaded.n_layers
-    if adapter.placement == "post":
-        paths = [f"{adapter.layers}.{l}.{adapter.ln2}" for l in range(n)]
-    else:
-        paths = [f"{adapter.layers}.{l + 1}.{adapter.ln1}" for l in range(n - 1)] + [adapter.final_norm]
-    out = []
-    for path in paths:
-        weight = getattr(get_module(loaded.model, path), "weight", None) if path else None
-        out.append((path, None if weight is None else weight.detach() + adapter.norm_weight_offset))
-    return out
-
-
 @torch.no_grad()
 def residual_sinks(capture: Capture, norm_weights: list[tuple[str, torch.Tensor | None]],
                    top_dims: int = 3) -> pd.DataFrame:
@@ -156,25 +145,7 @@ def residual_sinks(capture: Capture, norm_weights: list[tuple[str, torch.Tensor 
     return pd.DataFrame(rows)
 
 
-def _eager(loaded: LoadedModel) -> str:
-    """Switch to eager attention, which alone materialises patterns; returns what was in use."""
-    previous = loaded.config._attn_implementation
-    try:
-        loaded.use_eager_attention()
-    except (ValueError, NotImplementedError) as err:
-        raise UserError(f"attention sinks need attention patterns, and {loaded.spec.name} cannot switch to eager "
-                        f"attention: {str(err).splitlines()[0]}") from None
-    return previous
-
-
-def run(loaded: LoadedModel, windows: TokenWindows, options: SinkOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    previous = _eager(loaded)
-    try:
-        captured = capture(loaded, windows, probe(options), backend=backend, progress=progress)
-    finally:
-        if loaded.config._attn_implementation != previous:
-            loaded.model.set_attn_implementation(previous)
+def tables(captured: Capture, loaded: LoadedModel, options: SinkOptions) -> Tables:
     result = captured["attention_sinks"]
     heads = sink_heads(captured, loaded.n_kv_heads)
     return {"sink_summary": sink_summary(heads, options.eps, result["windows"], result["length"], loaded.adapter.causal),
@@ -245,4 +216,4 @@ def _display(tables: Tables) -> Tables:
 
 
 METRIC = Metric("sinks", "attention sinks (alpha_k and sink rate of Gu et al., value-norm ratio, entropy) and "
-                "residual sinks", run, options=SinkOptions, figures=_figures, summarize=_summarize, display=_display)
+                "residual sinks", probe=probe, tables=tables, options=SinkOptions, figures=_figures, summarize=_summarize, display=_display)

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 
 from layerscope.analysis.metric import Metric, Tables
-from layerscope.probes.capture import Capture, ProbeSpec, capture
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.outlier_reducers import mean_loss
@@ -99,20 +99,25 @@ def super_weight_ablation(loaded: LoadedModel, windows: TokenWindows, weight: pd
                           "delta_loss": ablated - clean}])
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: SuperWeightOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
+def probe(options: SuperWeightOptions, loaded: LoadedModel) -> ProbeSpec:
     if options.ablate and not loaded.adapter.causal:
         raise UserError(f"--ablate compares next-token losses; {loaded.spec.name} is an encoder")
     if options.layer is not None and options.layer >= loaded.n_layers:
         raise UserError(f"layer {options.layer} is out of range: {loaded.spec.name} has layers 0..{loaded.n_layers - 1}")
-    captured = capture(loaded, windows, PROBE, backend=backend, progress=progress)
+    return PROBE
+
+
+def tables(captured: Capture, loaded: LoadedModel, options: SuperWeightOptions) -> Tables:
     matrices = [down_proj_matrix(loaded, layer) for layer in range(loaded.n_layers)]
     scan = super_weight_scan(captured, matrices, decode=loaded.tokenizer.decode)
-    weight = super_weight(scan, options.layer)
-    tables = {"super_weight": weight, "super_weight_scan": scan}
-    if options.ablate:
-        tables["super_weight_ablation"] = super_weight_ablation(loaded, windows, weight, progress)
-    return tables
+    return {"super_weight": super_weight(scan, options.layer), "super_weight_scan": scan}
+
+
+def replay(loaded: LoadedModel, windows: TokenWindows, options: SuperWeightOptions, captured: Capture,
+           found: Tables, progress: bool = False) -> Tables:
+    if not options.ablate:
+        return {}
+    return {"super_weight_ablation": super_weight_ablation(loaded, windows, found["super_weight"], progress)}
 
 
 def super_weight_figure(scan: pd.DataFrame, weight: pd.DataFrame) -> go.Figure:
@@ -154,5 +159,5 @@ def _display(tables: Tables) -> Tables:
 
 
 METRIC = Metric("super-weights", "super weights (Yu et al.): the down-projection weight behind the massive activation, "
-                "and the loss without it", run, options=SuperWeightOptions, figures=_figures, summarize=_summarize,
+                "and the loss without it", probe=probe, tables=tables, replay=replay, options=SuperWeightOptions, figures=_figures, summarize=_summarize,
                 display=_display)

@@ -17,10 +17,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from layerscope.analysis.metric import Metric, Tables
-from layerscope.analysis.placements import over_placements
 from layerscope.analysis.residual_stats import residual_stats
-from layerscope.probes.capture import Capture, ProbeSpec, capture
-from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.reducers import ResidualMoments, SublayerRatios
 from layerscope.probes.zoo import LoadedModel
 
@@ -43,7 +41,7 @@ def growth_fit(layers: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     return float(slope), float(1 - (residual ** 2).sum() / total) if total > 0 else float("nan")
 
 
-def variance_tables(captured: Capture) -> Tables:
+def variance_tables(captured: Capture, loaded: LoadedModel | None = None, options: VarianceOptions | None = None) -> Tables:
     stats = residual_stats(captured)[["point", "layer", "mean_norm", "std", "variance", "mean_norm_first", "std_first"]]
     ratios = captured["sublayer_ratios"]["mean"]
     sublayer = pd.DataFrame({"layer": range(captured.n_layers), "attn_ratio": ratios[:, 0].tolist(),
@@ -57,24 +55,6 @@ def variance_tables(captured: Capture) -> Tables:
     return {"variance": stats, "sublayer_ratio": sublayer, "growth_fit": pd.DataFrame(fits)}
 
 
-def run(loaded: LoadedModel, windows: TokenWindows, options: VarianceOptions, backend: str = "hooks",
-        progress: bool = False) -> Tables:
-    per_placement: dict[str, list[pd.DataFrame]] = {}
-
-    def one(model: LoadedModel) -> pd.DataFrame:
-        tables = variance_tables(capture(model, windows, PROBE, backend=backend, progress=progress))
-        for name in ("sublayer_ratio", "growth_fit"):
-            per_placement.setdefault(name, []).append(tables[name])
-        return tables["variance"]
-
-    variance = over_placements(loaded, options.placements, one)
-    out = {"variance": variance}
-    for name, tables in per_placement.items():
-        if "placement" in variance:
-            labels = variance["placement"].unique()
-            tables = [t.assign(placement=label) for t, label in zip(tables, labels)]
-        out[name] = pd.concat(tables, ignore_index=True)
-    return out
 
 
 def figure(tables: Tables) -> go.Figure:
@@ -112,4 +92,4 @@ def summarize(tables: Tables) -> list[str]:
 
 
 METRIC = Metric("variance", "norm, std and variance growth with depth, sublayer ratios and growth fit",
-                run, options=VarianceOptions, figures=lambda t: [figure(t)], summarize=summarize)
+                probe=lambda options, loaded: PROBE, tables=variance_tables, options=VarianceOptions, figures=lambda t: [figure(t)], summarize=summarize)

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from layerscope.probes.errors import UserError
@@ -148,21 +148,29 @@ def _progress(args) -> bool:
     return (args.format == "table" and sys.stderr.isatty()) or os.environ.get("LAYERSCOPE_PROGRESS") == "1"
 
 
-def _save(args, metric_name: str, loaded, windows, options: dict, tables: dict, timings: dict) -> Path | None:
-    from layerscope.analysis.store import package_versions, save_run
+def _save_then_show(args, result, show) -> int:
+    """Store the run, show the results with where they were stored, and only then report a
+    failure to save: one line and a non-zero exit, never the loss of what was computed."""
+    run_path, failure = None, None
+    if not args.no_save:
+        try:
+            run_path = result.save(Path(args.runs_dir))
+        except (OSError, UserError) as err:
+            failure = UserError(f"the results were not saved to {args.runs_dir}: "
+                                f"{getattr(err, 'strerror', None) or err}")
+    show(run_path)
+    if failure:
+        raise failure
+    return 0
 
-    if args.no_save:
-        return None
-    manifest = {
-        "metric": metric_name,
-        "model": {**loaded.card(), "weights_hash": loaded.weights_hash},
-        "corpus": windows.manifest(),
-        "options": options,
-        "backend": args.backend,
-        "versions": package_versions(),
-        "timings": timings,
-    }
-    return save_run(tables, manifest, Path(args.runs_dir))
+
+def _measure(args, metrics: list[str] | None, options: dict | None = None):
+    from layerscope.analysis.runner import measure
+
+    loaded, windows, load_seconds = _prepare(args)
+    result = measure(loaded, windows, metrics, options=options, backend=args.backend, progress=_progress(args))
+    result.manifest["timings"]["load_seconds"] = load_seconds
+    return loaded, windows, result
 
 
 def cmd_analyze(args) -> int:
@@ -170,50 +178,32 @@ def cmd_analyze(args) -> int:
 
     metric = METRICS[args.metric]
     options = metric.options(**{name: getattr(args, name) for name in metric.option_names})
-    loaded, windows, load_seconds = _prepare(args)
-    metric.check_applies(loaded)
-    started = time.perf_counter()
-    tables = metric(loaded, windows, options, backend=args.backend, progress=_progress(args))
-    run_path = _save(args, metric.name, loaded, windows, {metric.name: asdict(options)}, tables,
-                     {"load_seconds": load_seconds, metric.name: time.perf_counter() - started})
-    _print_tables(tables if args.format == "json" else metric.display(tables), args.format, run_path)
-    return 0
+    _, _, result = _measure(args, [metric.name], {metric.name: options})
+    tables = result.tables
+    shown = tables if args.format == "json" else metric.display(tables)
+    return _save_then_show(args, result, lambda run_path: _print_tables(shown, args.format, run_path))
 
 
 def cmd_survey(args) -> int:
-    """Every applicable measurement on one model and corpus, saved as one run, with a summary."""
-    from layerscope.analysis.registry import METRICS
+    """Every applicable measurement on one model and corpus, from one capture pass, saved as one run."""
+    from layerscope.analysis.runner import resolve_metrics
 
-    chosen = args.metrics.split(",") if args.metrics else list(METRICS)
-    unknown = [m for m in chosen if m not in METRICS]
-    if unknown:
-        raise UserError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
-    loaded, windows, load_seconds = _prepare(args)
-    tables, timings, options, summary = {}, {"load_seconds": load_seconds}, {}, []
-    for name in chosen:
-        metric = METRICS[name]
-        if metric.causal_only and not loaded.adapter.causal:
-            summary.append(f"{name}: not applicable to an encoder")
-            continue
-        started = time.perf_counter()
-        if sys.stderr.isatty() or _progress(args):
-            print(f"[{name}]", file=sys.stderr)
-        result = metric(loaded, windows, backend=args.backend, progress=_progress(args))
-        timings[name] = time.perf_counter() - started
-        options[name] = asdict(metric.options())
-        tables.update(result)
-        summary += metric.summarize(result)
-    run_path = _save(args, "survey", loaded, windows, options, tables, timings)
-    if args.format == "json":
-        print(json.dumps({"summary": summary, "run": str(run_path) if run_path else None, "timings": timings}))
-    else:
+    chosen = [m.name for m in resolve_metrics(args.metrics)] if args.metrics else None
+    loaded, windows, result = _measure(args, chosen)
+
+    def show(run_path: Path | None) -> None:
+        if args.format == "json":
+            print(json.dumps({"summary": result.summary, "run": str(run_path) if run_path else None,
+                              "timings": result.manifest["timings"]}))
+            return
         print(f"{loaded.spec.name}: {loaded.source}")
         print(f"corpus {windows.spec.describe()}: {windows.input_ids.shape[0]} windows x {windows.spec.seq_len} tokens")
-        for line in summary:
+        for line in result.summary:
             print(f"- {line}")
         if run_path:
             print(f"saved run: {run_path}")
-    return 0
+
+    return _save_then_show(args, result, show)
 
 
 def cmd_models(args) -> int:

@@ -6,8 +6,6 @@ the stored run at once instead of measuring again.
 
 from __future__ import annotations
 
-import sys
-
 import streamlit as st
 
 from layerscope.analysis.registry import METRICS
@@ -20,10 +18,9 @@ def measurement_page(metric_name: str) -> None:
     metric = METRICS[metric_name]
     st.title(metric.name)
     st.caption(metric.summary)
-    about = sys.modules[metric.run.__module__].__doc__
-    if about:
+    if metric.about:
         with st.expander("what this measures"):
-            st.markdown(about)
+            st.markdown(metric.about)
     with ui.user_errors():
         with st.expander("options", expanded=bool(metric.option_names)):
             options = ui.option_controls(metric)

@@ -30,7 +30,7 @@ def main() -> None:
     answers = {}
 
     def ours(batches=windows):
-        answers["layerscope"] = block_influence.run(loaded, batches, options)["block_influence"]
+        answers["layerscope"] = block_influence.METRIC(loaded, batches, options)["block_influence"]
 
     def loop(batches=windows):
         answers["shortgpt"] = shortgpt_block_influence(loaded.model, batches)

@@ -35,7 +35,7 @@ def child(measurement: str, model: str, tokens: int) -> None:
     windows = token_windows(CorpusSpec("stdlib", seq_len=128, max_tokens=tokens, batch_size=8), loaded.tokenizer,
                             loaded.bos_token_id, loaded.max_context)
     started = time.perf_counter()
-    captured = capture(loaded, windows, module.probe(options), progress=False)
+    captured = capture(loaded, windows, module.probe(options, loaded), progress=False)
     emit({"tokens": captured.n_tokens, "state_bytes": captured.peak_state_bytes, "rss_bytes": peak_rss_bytes(),
           "seconds": time.perf_counter() - started})
 

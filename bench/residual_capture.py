@@ -49,7 +49,7 @@ def worker(method: str, tokens: int) -> None:
 
         def measure(batches):
             started = time.perf_counter()
-            table = residual_stats.run(loaded, batches, NoOptions())["residual_stats"]
+            table = residual_stats.METRIC(loaded, batches, NoOptions())["residual_stats"]
             values = {f"{row.point}.{row.layer}.{stat}": float(getattr(row, stat))
                       for row in table.itertuples() for stat in STATS}
             return time.perf_counter() - started, values

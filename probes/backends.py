@@ -74,9 +74,8 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _check_pattern_support(loaded: LoadedModel, wanted: list[Point]) -> None:
-    if any(p.kind == "attn_pattern" for p in wanted) and loaded.config._attn_implementation != "eager":
-        loaded.use_eager_attention()
+def needs_patterns(wanted: list[Point]) -> bool:
+    return any(p.kind == "attn_pattern" for p in wanted)
 
 
 def _is_derived(loaded: LoadedModel, p: Point) -> bool:
@@ -119,13 +118,12 @@ class HooksBackend:
     name = "hooks"
 
     def run(self, loaded, input_ids, wanted, stream=None):
-        _check_pattern_support(loaded, wanted)
         acts: Activations = {}
         needed = _needed(loaded, wanted)
         # Derived points, and the points they are computed from, wait for the end of the pass.
         waiting = {q for p in wanted if _is_derived(loaded, p) for q in (p, *_derivation_sources(p))}
         streamed = {p: consume for p, consume in (stream or {}).items() if p in wanted and p not in waiting}
-        with torch.no_grad(), self.hooks(loaded, needed, acts, streamed):
+        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), self.hooks(loaded, needed, acts, streamed):
             output = loaded.model(input_ids)
         _derive_resid_mid(loaded, acts, wanted)
         return _logits(loaded, output), {p: acts[p] for p in wanted if p not in streamed}
@@ -238,13 +236,12 @@ class NNsightBackend:
         return self._wrapped[key]
 
     def run(self, loaded, input_ids, wanted, stream=None):
-        _check_pattern_support(loaded, wanted)
         envoy = self.wrapped(loaded)
         adapter = loaded.adapter
         saved = {}
         logits = None
         get_module = _envoy_module
-        with torch.no_grad(), envoy.trace(input_ids):
+        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), envoy.trace(input_ids):
             for p in _needed(loaded, wanted):
                 if p.layer is None:
                     saved[p] = get_module(envoy, adapter.final_norm).output.save()

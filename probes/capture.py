@@ -16,8 +16,9 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
-from layerscope.probes.backends import Activations, Point, get_backend
+from layerscope.probes.backends import Activations, Point, get_backend, needs_patterns
 from layerscope.probes.corpus import TokenWindows
+from layerscope.probes.errors import UserError
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -74,7 +75,10 @@ class Capture:
 
 
 def tensor_bytes(obj) -> int:
-    """Bytes held by the tensors inside nested dicts, lists and objects' __dict__."""
+    """Bytes held by the tensors inside nested dicts, lists and objects' __dict__; a model a
+    state refers to is not the state's own memory, so modules are not counted."""
+    if isinstance(obj, (torch.nn.Module, LoadedModel)):
+        return 0
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -113,18 +117,19 @@ def capture(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend
     bar = tqdm(windows, total=len(windows), disable=not progress, unit="batch",
                desc=f"{loaded.spec.name} x {windows.n_tokens} tokens")
     stream_to = _pointwise_consumers(loaded, spec, states)
-    for input_ids in bar:
-        batch = Batch(input_ids, None, offset)
-        stream = {p: functools.partial(_fold_point, consumers, p, batch) for p, consumers in stream_to.items()}
-        batch.logits, acts = runner.run(loaded, input_ids, wanted, stream=stream)
-        for reducer in spec.reducers:
-            # What a backend could not stream reaches pointwise reducers here, after the pass.
-            given = {p: acts[p] for p in reducer.points(loaded) if p in acts}
-            if given or not getattr(reducer, "pointwise", False):
-                states[reducer.name].update(given, batch)
-        del acts, batch
-        offset += input_ids.shape[0]
-        peak = max(peak, tensor_bytes(states))
+    with loaded.eager_attention(needs_patterns(wanted)):
+        for input_ids in bar:
+            batch = Batch(input_ids, None, offset)
+            stream = {p: functools.partial(_fold_point, consumers, p, batch) for p, consumers in stream_to.items()}
+            batch.logits, acts = runner.run(loaded, input_ids, wanted, stream=stream)
+            for reducer in spec.reducers:
+                # What a backend could not stream reaches pointwise reducers here, after the pass.
+                given = {p: acts[p] for p in reducer.points(loaded) if p in acts}
+                if given or not getattr(reducer, "pointwise", False):
+                    states[reducer.name].update(given, batch)
+            del acts, batch
+            offset += input_ids.shape[0]
+            peak = max(peak, tensor_bytes(states))
     return Capture(
         results={name: state.result() for name, state in states.items()},
         model=loaded.spec.name,
@@ -136,3 +141,45 @@ def capture(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend
         token_ids=windows.input_ids,
         meta={"corpus": windows.manifest(), "model": loaded.card()},
     )
+
+
+# Raw activations are kept whole, unlike reduced statistics; past this a request is refused
+# before the pass rather than exhausting memory part-way.
+MAX_ACTIVATION_BYTES = 2 * 1024**3
+
+
+def _point_bytes(loaded: LoadedModel, point: Point, n_windows: int, seq_len: int) -> int:
+    element = torch.finfo(loaded.model.dtype).bits // 8
+    if point.kind == "attn_pattern":
+        return n_windows * loaded.n_heads * seq_len * seq_len * element
+    width = getattr(loaded.config, "intermediate_size", None) or 4 * loaded.d_model
+    return n_windows * seq_len * (width if point.kind == "mlp_act" else loaded.d_model) * element
+
+
+def activations(model: LoadedModel, corpus, points: list[str | Point], backend: str = "hooks",
+                max_bytes: int = MAX_ACTIVATION_BYTES) -> dict[str, torch.Tensor]:
+    """Raw activations at `points` (such as "resid_post[11]" or "attn_pattern[3]") for every
+    window of `corpus`, as tensors keyed by point name, like TransformerLens' `run_with_cache`
+    with a `names_filter`.  Refused up front when they would take more than `max_bytes`."""
+    from layerscope.probes.inputs import windows_for
+
+    windows = windows_for(model, corpus)
+    wanted = [p if isinstance(p, Point) else Point.parse(p) for p in points]
+    if not wanted:
+        raise UserError("no points asked for; name them like 'resid_post[11]' or 'attn_pattern[3]'")
+    for p in wanted:
+        if p.layer is not None and not 0 <= p.layer < model.n_layers:
+            raise UserError(f"{p}: {model.spec.name} has layers 0..{model.n_layers - 1}")
+    n_windows, seq_len = windows.input_ids.shape
+    needed = sum(_point_bytes(model, p, n_windows, seq_len) for p in wanted)
+    if needed > max_bytes:
+        raise UserError(f"these activations take {needed / 2**20:,.0f} MiB, over the cap of {max_bytes / 2**20:,.0f} "
+                        "MiB: ask for fewer points or tokens, raise max_bytes, or use a reducer (layerscope.capture)")
+    runner = get_backend(backend)
+    parts: dict[Point, list[torch.Tensor]] = {p: [] for p in wanted}
+    with model.eager_attention(needs_patterns(wanted)):
+        for input_ids in windows:
+            _, acts = runner.run(model, input_ids, wanted)
+            for p in wanted:
+                parts[p].append(acts[p])
+    return {str(p): torch.cat(parts[p]) for p in wanted}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
+from typing import Iterator
 
 import torch
 
@@ -88,8 +89,28 @@ def _fresh_norm(norm: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
+def parse_placements(text: str) -> list[str]:
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PLACEMENTS]
+    if unknown:
+        raise UserError(f"unknown norm placement(s) {', '.join(unknown)}; known: {', '.join(PLACEMENTS)}")
+    if not chosen:
+        raise UserError(f"no norm placement given in {text!r}; known: {', '.join(PLACEMENTS)}")
+    return chosen
+
+
+def placement_variants(loaded: LoadedModel, placements: str) -> Iterator[tuple[str, LoadedModel]]:
+    """Each named placement variant of `loaded`'s base model, built fresh from its config."""
+    from layerscope.probes.zoo import load_model
+
+    base = loaded.spec.name.partition("@")[0]
+    for placement in parse_placements(placements):
+        yield placement, load_model(f"{base}@{placement}", attn_implementation=loaded.spec.attn_implementation)
+
+
 def apply_placement(loaded: LoadedModel, placement: str) -> LoadedModel:
-    """Rewire a Pre-LN model in place into `placement`; returns it with its adapter updated."""
+    """A copy of a Pre-LN model rewired into `placement`, with its adapter updated; the
+    model given is left as it was."""
     if placement not in PLACEMENTS:
         raise UserError(f"unknown norm placement {placement!r}; known: {', '.join(PLACEMENTS)}")
     adapter = loaded.adapter
@@ -98,6 +119,7 @@ def apply_placement(loaded: LoadedModel, placement: str) -> LoadedModel:
                         f"{loaded.spec.name} is {adapter.placement}-LN")
     if placement == "pre":
         return loaded
+    loaded = replace(loaded, model=copy.deepcopy(loaded.model))
     n = loaded.n_layers
     for layer in range(n):
         prefix = f"{adapter.layers}.{layer}"

@@ -1,4 +1,5 @@
-"""Reading and temporarily editing single weights of the MLP down-projection.
+"""Reading weights (the down-projection, the norms that read each block output) and
+temporarily editing single weights of the MLP down-projection.
 
 "The Super Weight in Large Language Models" (Yu et al. 2024) finds one scalar of an early
 layer's down-projection whose removal destroys the model; these helpers read that matrix
@@ -13,6 +14,7 @@ from typing import Iterator
 import torch
 from jaxtyping import Float
 
+from layerscope.probes.families import get_module
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -41,3 +43,18 @@ def zeroed_down_proj_weights(loaded: LoadedModel, coords: list[tuple[int, int, i
         with torch.no_grad():
             for matrix, row, col, value in reversed(saved):
                 matrix[row, col] = value
+
+
+def reading_norm_weights(loaded: LoadedModel) -> list[tuple[str, Float[torch.Tensor, "d_model"] | None]]:
+    """Per block output, the path and effective weight (with the family's offset) of the norm
+    that reads it (Pre-LN) or wrote it (Post-LN); None where that norm has no weight."""
+    adapter, n = loaded.adapter, loaded.n_layers
+    if adapter.placement == "post":
+        paths = [f"{adapter.layers}.{l}.{adapter.ln2}" for l in range(n)]
+    else:
+        paths = [f"{adapter.layers}.{l + 1}.{adapter.ln1}" for l in range(n - 1)] + [adapter.final_norm]
+    out = []
+    for path in paths:
+        weight = getattr(get_module(loaded.model, path), "weight", None) if path else None
+        out.append((path, None if weight is None else weight.detach() + adapter.norm_weight_offset))
+    return out

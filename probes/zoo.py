@@ -7,6 +7,7 @@ converts it into a safetensors cache so that later loads take under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -16,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from transformers import (
@@ -123,10 +124,23 @@ class LoadedModel:
                     digest.update(chunk)
         return digest.hexdigest()
 
-    def use_eager_attention(self) -> None:
-        """Attention weights are only materialised by the eager kernel."""
-        if self.model.config._attn_implementation != "eager":
+    @contextlib.contextmanager
+    def eager_attention(self, needed: bool = True) -> Iterator[None]:
+        """Eager attention for the length of the block, when `needed`: it alone materialises
+        attention weights.  The implementation in use before is always restored."""
+        previous = self.model.config._attn_implementation
+        if not needed or previous == "eager":
+            yield
+            return
+        try:
             self.model.set_attn_implementation("eager")
+        except (ValueError, NotImplementedError) as err:
+            raise UserError(f"attention patterns need eager attention, and {self.spec.name} cannot switch to it: "
+                            f"{str(err).splitlines()[0]}") from None
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(previous)
 
     def card(self) -> dict:
         return {

@@ -49,7 +49,7 @@ def test_counts_match_the_projection_inputs_read_directly(tiny_models):
     loaded = tiny_models["qwen2"]
     windows = small_windows(loaded)
     threshold = 2.0  # random weights give no |x| >= 6
-    cells = outlier_cells(capture(loaded, windows, probe(Int8Options(threshold=threshold)), progress=False))
+    cells = outlier_cells(capture(loaded, windows, probe(Int8Options(threshold=threshold), loaded), progress=False))
     inputs = []
     q_proj = get_module(loaded.adapter.layer_modules(loaded.model)[1], "self_attn.q_proj")
     handle = q_proj.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))

@@ -4,7 +4,7 @@ import scipy.stats
 import torch
 from outlier_helpers import small_windows
 
-from layerscope.analysis.kurtosis import METRIC, PROBE, kurtosis_by_layer, run
+from layerscope.analysis.kurtosis import METRIC, PROBE, kurtosis_by_layer
 from layerscope.probes.capture import capture
 from layerscope.probes.outlier_reducers import token_excess_kurtosis
 
@@ -41,7 +41,7 @@ def test_kurtosis_per_layer_against_hidden_states(tiny_models):
 
 
 def test_kurtosis_tables_and_summary(tiny_models):
-    tables = run(tiny_models["gpt-neox"], small_windows(tiny_models["gpt-neox"]), METRIC.options())
+    tables = METRIC(tiny_models["gpt-neox"], small_windows(tiny_models["gpt-neox"]), METRIC.options())
     assert set(tables["kurtosis"]["site"]) == {"resid_post", "attn_in", "mlp_in"}
     overall = tables["kurtosis_overall"].set_index("site")
     by_layer = tables["kurtosis"]

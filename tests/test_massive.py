@@ -9,7 +9,6 @@ from layerscope.analysis.massive import (
     massive_dims,
     massive_persistence,
     probe,
-    run,
 )
 from layerscope.app.cli import main
 from layerscope.probes.backends import Point
@@ -60,7 +59,7 @@ def test_planted_activation_in_a_model_and_zero_versus_mean(tiny_models):
     windows = small_windows(loaded)
     options = MassiveOptions(intervene="both")
     with set_activations(loaded, Point("resid_post", 1), positions=[3], dims=[7], values=10_000.0):
-        tables = run(loaded, windows, options)
+        tables = METRIC(loaded, windows, options)
         top = tables["massive_top"].query("layer == 1 and rank == 1").iloc[0]
         assert (top["position"], top["dim"], top["value"], top["massive"]) == (3, 7, 10_000.0, True)
         persistence = tables["massive_persistence"].set_index("dim")
@@ -82,7 +81,7 @@ def test_planted_activation_in_a_model_and_zero_versus_mean(tiny_models):
 
 def test_state_size_does_not_grow_with_the_corpus(tiny_models):
     loaded = tiny_models["gpt2"]
-    spec = probe(MassiveOptions())
+    spec = probe(MassiveOptions(), loaded)
     short = capture(loaded, small_windows(loaded), spec, progress=False)
     long = capture(loaded, small_windows(loaded, max_tokens=512), spec, progress=False)
     assert long.n_tokens == 4 * short.n_tokens
@@ -90,7 +89,11 @@ def test_state_size_does_not_grow_with_the_corpus(tiny_models):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"top_k": 0}, "top_k must be at least 1"),
+    ({"top_k": 0}, "top_k must be between 1 and 1000"),
+    ({"top_k": 100_000_000}, "top_k must be between 1 and 1000"),
+    ({"min_value": float("nan")}, "min_value must be a finite number"),
+    ({"min_value": float("inf")}, "min_value must be a finite number"),
+    ({"min_ratio": float("nan")}, "min_ratio must be positive"),
     ({"min_ratio": 0}, "min_ratio must be positive"),
     ({"intervene": "half"}, "intervene must be one of"),
 ])
@@ -102,25 +105,25 @@ def test_bad_options(kwargs, message):
 def test_bad_input_on_the_cli_is_one_line(capsys):
     assert main(["analyze", "massive", "--model", "tiny-llama", "--top-k", "0", "--no-save"]) == 2
     err = capsys.readouterr().err
-    assert err == "layerscope: error: top_k must be at least 1, got 0\n"
+    assert err == "layerscope: error: top_k must be between 1 and 1000, got 0\n"
 
 
 def test_intervening_on_an_encoder_is_a_user_error(tiny_models):
     loaded = tiny_models["bert"]
     with pytest.raises(UserError, match="encoder"):
-        run(loaded, small_windows(loaded), MassiveOptions(intervene="zero"))
+        METRIC(loaded, small_windows(loaded), MassiveOptions(intervene="zero"))
 
 
 def test_no_massive_activation_means_nothing_to_intervene_on(tiny_models):
     loaded = tiny_models["llama"]
     with pytest.raises(UserError, match="nothing to intervene on"):
-        run(loaded, small_windows(loaded), MassiveOptions(intervene="zero"))
+        METRIC(loaded, small_windows(loaded), MassiveOptions(intervene="zero"))
 
 
 @pytest.mark.real
 def test_smollm2_massive_activation_appears_at_block_11_and_zeroing_it_breaks_the_model(smollm2, one_thread):
     windows = small_windows(smollm2, max_tokens=32)
-    tables = run(smollm2, windows, MassiveOptions(intervene="both"))
+    tables = METRIC(smollm2, windows, MassiveOptions(intervene="both"))
     dims = tables["massive_dims"].query("massive")
     assert dims["layer"].min() == 11
     first = dims.query("layer == 11").set_index("dim")

@@ -93,8 +93,8 @@ def test_streaming_with_a_derived_resid_mid_matches_the_kept_path(tiny_models):
     derived = dataclasses.replace(loaded, adapter=dataclasses.replace(loaded.adapter, resid_mid_from="derived"))
     windows = _windows(derived, 512)
     options = BlockInfluenceOptions(angular=2)
-    streamed = block_influence(capture(derived, windows, block_influence_probe(options), progress=False))
-    kept = block_influence(capture(derived, windows, block_influence_probe(options), backend="nnsight",
+    streamed = block_influence(capture(derived, windows, block_influence_probe(options, derived), progress=False))
+    kept = block_influence(capture(derived, windows, block_influence_probe(options, derived), backend="nnsight",
                                    progress=False))
     np.testing.assert_allclose(streamed.drop(columns="removal_rank").to_numpy(),
                                kept.drop(columns="removal_rank").to_numpy(), rtol=1e-9, equal_nan=True)

@@ -11,7 +11,6 @@ from layerscope.analysis.sinks import (
     probe,
     reading_norm_weights,
     residual_sinks,
-    run,
     sink_alpha,
     sink_heads,
     sink_summary,
@@ -83,7 +82,7 @@ def test_a_planted_sink_pattern_gives_the_expected_alpha_and_sink_rate(tiny_mode
 def test_value_norm_ratio_maps_query_heads_to_kv_heads(tiny_models):
     loaded = tiny_models["llama"]
     windows = small_windows(loaded, max_tokens=64)
-    heads = run(loaded, windows, SinkOptions())["sink_heads"].set_index(["layer", "head"])
+    heads = METRIC(loaded, windows, SinkOptions())["sink_heads"].set_index(["layer", "head"])
     assert heads["kv_head"].tolist()[:4] == [0, 0, 1, 1]
     # Independently: the v projection's output, read with a hook.
     seen = {}
@@ -130,14 +129,14 @@ def test_norm_weights_include_the_family_offset(tiny_models):
 def test_sinks_switch_a_model_to_eager_attention_and_back():
     loaded = load_model("tiny-llama")
     assert loaded.config._attn_implementation == "sdpa"
-    tables = run(loaded, small_windows(loaded, max_tokens=64), SinkOptions())
+    tables = METRIC(loaded, small_windows(loaded, max_tokens=64), SinkOptions())
     assert len(tables["sink_heads"]) == 16 and tables["sink_heads"]["alpha_0"].between(0, 1).all()
     assert loaded.config._attn_implementation == "sdpa"
 
 
 def test_sinks_on_an_encoder_divide_by_every_query(tiny_models):
     loaded = tiny_models["bert"]
-    tables = run(loaded, small_windows(loaded, max_tokens=64), SinkOptions(keys=2))
+    tables = METRIC(loaded, small_windows(loaded, max_tokens=64), SinkOptions(keys=2))
     alpha = tables["sink_alpha"]
     assert len(alpha) == 4 * 4 * 2 and alpha["alpha"].between(0, 1).all()
     assert tables["sink_summary"]["entropy_uniform"].iloc[0] == pytest.approx(math.log(32))
@@ -145,7 +144,7 @@ def test_sinks_on_an_encoder_divide_by_every_query(tiny_models):
 
 def test_state_size_does_not_grow_with_the_corpus(tiny_models):
     loaded = tiny_models["qwen2"]
-    spec = probe(SinkOptions())
+    spec = probe(SinkOptions(), loaded)
     short = capture(loaded, small_windows(loaded, max_tokens=64), spec, progress=False)
     long = capture(loaded, small_windows(loaded, max_tokens=256), spec, progress=False)
     assert long.peak_state_bytes == short.peak_state_bytes > 0
@@ -169,7 +168,7 @@ def test_bad_eps_on_the_cli_is_one_line(capsys):
 
 def test_summary_names_the_sink_rate_and_the_top_residual_dim(tiny_models):
     loaded = tiny_models["mistral"]
-    tables = run(loaded, small_windows(loaded, max_tokens=64), SinkOptions())
+    tables = METRIC(loaded, small_windows(loaded, max_tokens=64), SinkOptions())
     lines = METRIC.summarize(tables)
     assert lines[0].startswith("sinks: sink rate ") and " of 4x4 heads " in lines[0]
     assert lines[1].startswith("sinks: top residual-sink dim ")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from outlier_helpers import next_token_loss, small_windows
 
-from layerscope.analysis.super_weights import METRIC, SuperWeightOptions, run
+from layerscope.analysis.super_weights import METRIC, SuperWeightOptions
 from layerscope.app.cli import main
 from layerscope.probes.backends import Point
 from layerscope.probes.errors import UserError
@@ -30,7 +30,7 @@ def test_a_planted_super_weight_is_found_and_ablated(planted_weight):
     windows = small_windows(loaded, max_tokens=64)
     # A spike on input dim 17 of block 1 at position 5 meets the planted weight.
     with set_activations(loaded, Point("mlp_act", LAYER), positions=[5], dims=[COL], values=40.0):
-        tables = run(loaded, windows, SuperWeightOptions(ablate=True))
+        tables = METRIC(loaded, windows, SuperWeightOptions(ablate=True))
         with zeroed_down_proj_weights(loaded, [(LAYER, ROW, COL)]):
             expected = next_token_loss(loaded, windows)
         clean = next_token_loss(loaded, windows)
@@ -62,14 +62,14 @@ def test_conv1d_weights_are_read_as_output_by_input(tiny_models):
 
 def test_a_chosen_layer_and_bad_layers(tiny_models):
     loaded = tiny_models["llama"]
-    tables = run(loaded, small_windows(loaded, max_tokens=64), SuperWeightOptions(layer=2))
+    tables = METRIC(loaded, small_windows(loaded, max_tokens=64), SuperWeightOptions(layer=2))
     assert tables["super_weight"]["layer"].iloc[0] == 2
     with pytest.raises(UserError, match="out of range"):
-        run(loaded, small_windows(loaded, max_tokens=64), SuperWeightOptions(layer=4))
+        METRIC(loaded, small_windows(loaded, max_tokens=64), SuperWeightOptions(layer=4))
     with pytest.raises(UserError, match="layer must be >= 0"):
         SuperWeightOptions(layer=-1)
     with pytest.raises(UserError, match="encoder"):
-        run(tiny_models["bert"], small_windows(tiny_models["bert"], max_tokens=64), SuperWeightOptions(ablate=True))
+        METRIC(tiny_models["bert"], small_windows(tiny_models["bert"], max_tokens=64), SuperWeightOptions(ablate=True))
 
 
 def test_bad_layer_on_the_cli_is_one_line(capsys):
@@ -80,7 +80,7 @@ def test_bad_layer_on_the_cli_is_one_line(capsys):
 @pytest.mark.real
 def test_smollm2_super_weight_sits_in_block_11(smollm2, one_thread):
     windows = small_windows(smollm2, max_tokens=32)
-    tables = run(smollm2, windows, SuperWeightOptions(ablate=True))
+    tables = METRIC(smollm2, windows, SuperWeightOptions(ablate=True))
     weight = tables["super_weight"].iloc[0]
     assert (weight["layer"], weight["row"], weight["col"]) == (11, 507, 1229)
     assert weight["position"] == 0 and weight["max_out"] > 15_000

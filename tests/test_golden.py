@@ -1,0 +1,56 @@
+"""Every measurement gives the numbers stored before measurements shared one capture
+pass (tests/golden/README.md), to 1e-6 relative, on four tiny families and SmolLM2."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from layerscope.analysis.registry import METRICS
+from layerscope.probes.corpus import CorpusSpec, token_windows
+from layerscope.probes.zoo import load_model
+
+GOLDEN = Path(__file__).parent / "golden"
+TINY = ("tiny-llama", "tiny-gpt2", "tiny-gpt-neox", "tiny-bert")
+SEQ_LEN = {"smollm2-135m": 64}
+
+
+def assert_same_table(expected: pd.DataFrame, got: pd.DataFrame, where: str) -> None:
+    assert list(got.columns) == list(expected.columns), where
+    assert len(got) == len(expected), where
+    for column in expected.columns:
+        old, new = expected[column], got[column]
+        if pd.api.types.is_numeric_dtype(old) and not pd.api.types.is_bool_dtype(old):
+            np.testing.assert_allclose(new.to_numpy(float), old.to_numpy(float), rtol=1e-6, atol=1e-7,
+                                       equal_nan=True, err_msg=f"{where}: {column}")
+        else:
+            assert new.astype(str).tolist() == old.astype(str).tolist(), f"{where}: {column}"
+
+
+def stored_metrics(model: str) -> list[str]:
+    return sorted(d.name for d in (GOLDEN / model).iterdir())
+
+
+def check_model(model: str, names: list[str]) -> None:
+    loaded = load_model(model)
+    windows = token_windows(CorpusSpec("stdlib", SEQ_LEN.get(model, 32), 128, 8), loaded.tokenizer,
+                            loaded.bos_token_id, loaded.max_context)
+    for name in names:
+        metric = METRICS[name]
+        options = metric.options(**({"max_removed": 2} if name == "prune-curve" and loaded.n_layers < 8 else {}))
+        tables = metric(loaded, windows, options)
+        stored = sorted((GOLDEN / model / name).glob("*.parquet"))
+        assert stored and sorted(tables) == sorted(p.stem for p in stored), name
+        for path in stored:
+            assert_same_table(pd.read_parquet(path), tables[path.stem], f"{model} {name} {path.stem}")
+
+
+@pytest.mark.parametrize("model", TINY)
+def test_every_measurement_matches_the_stored_tables(model):
+    check_model(model, stored_metrics(model))
+
+
+@pytest.mark.real
+def test_smollm2_measurements_match_the_stored_tables():
+    check_model("smollm2-135m", [n for n in stored_metrics("smollm2-135m") if n != "prune-curve"])
