@@ -70,8 +70,9 @@ class Backend(Protocol):
         and leaves it out of the returned activations; one that cannot returns it as usual."""
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+def _item(output, item: int = 0):
+    """Element `item` of a module's tuple output; a plain tensor output is its own element 0."""
+    return output[item] if isinstance(output, tuple) else output
 
 
 def needs_patterns(wanted: list[Point]) -> bool:
@@ -141,8 +142,8 @@ class HooksBackend:
             else:
                 sink[point] = value
 
-        def store_output(point, pick=_first):
-            return lambda module, args, output: keep(point, pick(output).detach())
+        def store_output(point, item):
+            return lambda module, args, output: keep(point, _item(output, item).detach())
 
         def store_input(point):
             def hook(module, args, kwargs):
@@ -151,30 +152,14 @@ class HooksBackend:
             return hook
 
         try:
+            layers = adapter.layer_modules(model)
             for p in wanted:
-                if p.layer is None:
-                    handles.append(get_module(model, adapter.final_norm).register_forward_hook(store_output(p)))
-                    continue
-                layer = adapter.layer_modules(model)[p.layer]
-                if p.kind == "resid_pre":
-                    handles.append(layer.register_forward_pre_hook(store_input(p), with_kwargs=True))
-                elif p.kind == "resid_post":
-                    handles.append(layer.register_forward_hook(store_output(p)))
-                elif p.kind == "attn_out":
-                    handles.append(get_module(layer, adapter.attn_out_module or adapter.attn)
-                                   .register_forward_hook(store_output(p)))
-                elif p.kind == "attn_pattern":
-                    handles.append(get_module(layer, adapter.attn)
-                                   .register_forward_hook(store_output(p, pick=lambda o: o[1])))
-                elif p.kind == "resid_mid" and adapter.resid_mid_from == "ln2_input":
-                    handles.append(get_module(layer, adapter.ln2).register_forward_pre_hook(store_input(p), with_kwargs=True))
-                elif p.kind == "resid_mid" and adapter.resid_mid_from == "module_output":
-                    handles.append(get_module(layer, adapter.resid_mid_module).register_forward_hook(store_output(p)))
-                elif p.kind == "mlp_act":
-                    handles.append(get_module(layer, adapter.down_proj).register_forward_pre_hook(store_input(p), with_kwargs=True))
-                elif p.kind == "mlp_out":
-                    handles.append(get_module(layer, adapter.mlp_out_module or adapter.mlp)
-                                   .register_forward_hook(store_output(p)))
+                site = adapter.site(p.kind)
+                module = get_module(model if p.layer is None else layers[p.layer], site.module)
+                if site.reads == "input":
+                    handles.append(module.register_forward_pre_hook(store_input(p), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(store_output(p, site.item)))
             yield
         finally:
             for handle in handles:
@@ -211,7 +196,7 @@ class TransformerLensBackend:
             names[template.format(layer=p.layer)] = p
         with torch.no_grad():
             logits, cache = bridge.run_with_cache(input_ids, names_filter=lambda n: n in names)
-        acts = {p: _first(cache[name]).detach() for name, p in names.items()}
+        acts = {p: _item(cache[name]).detach() for name, p in names.items()}
         _derive_resid_mid(loaded, acts, wanted)
         return (logits if loaded.adapter.causal else None), {p: acts[p] for p in wanted}
 
@@ -240,34 +225,20 @@ class NNsightBackend:
         adapter = loaded.adapter
         saved = {}
         logits = None
-        get_module = _envoy_module
         with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), envoy.trace(input_ids):
+            layers = _envoy_module(envoy, adapter.layers)
             for p in _needed(loaded, wanted):
-                if p.layer is None:
-                    saved[p] = get_module(envoy, adapter.final_norm).output.save()
-                    continue
-                layer = get_module(envoy, adapter.layers)[p.layer]
-                if p.kind == "resid_pre":
-                    saved[p] = layer.input.save()
-                elif p.kind == "resid_post":
-                    saved[p] = layer.output.save()
-                elif p.kind == "attn_out":
-                    module = get_module(layer, adapter.attn_out_module or adapter.attn)
-                    saved[p] = module.output.save() if adapter.attn_out_module else module.output[0].save()
-                elif p.kind == "attn_pattern":
-                    saved[p] = get_module(layer, adapter.attn).output[1].save()
-                elif p.kind == "resid_mid" and adapter.resid_mid_from == "ln2_input":
-                    saved[p] = get_module(layer, adapter.ln2).input.save()
-                elif p.kind == "resid_mid" and adapter.resid_mid_from == "module_output":
-                    saved[p] = get_module(layer, adapter.resid_mid_module).output[0].save()
-                elif p.kind == "mlp_act":
-                    saved[p] = get_module(layer, adapter.down_proj).input.save()
-                elif p.kind == "mlp_out":
-                    module = get_module(layer, adapter.mlp_out_module or adapter.mlp)
+                site = adapter.site(p.kind)
+                module = _envoy_module(envoy if p.layer is None else layers[p.layer], site.module)
+                if site.reads == "input":
+                    saved[p] = module.input.save()
+                elif site.item:
+                    saved[p] = module.output[site.item].save()
+                else:
                     saved[p] = module.output.save()
             if adapter.causal:
                 logits = envoy.output.logits.save()
-        acts = {p: _first(v).detach() for p, v in saved.items()}
+        acts = {p: _item(v).detach() for p, v in saved.items()}
         _derive_resid_mid(loaded, acts, wanted)
         return logits, {p: acts[p] for p in wanted}
 
@@ -277,7 +248,7 @@ def _envoy_module(envoy, path: str):
     attribute (BERT's `output`) lives under nnsight's overload prefix."""
     from nnsight.intervention.envoy import Envoy
 
-    for part in path.split("."):
+    for part in filter(None, path.split(".")):
         if part.isdigit():
             envoy = envoy[int(part)]
             continue
@@ -289,7 +260,14 @@ def _envoy_module(envoy, path: str):
 BACKENDS = {"hooks": HooksBackend, "transformer_lens": TransformerLensBackend, "nnsight": NNsightBackend}
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, loaded: LoadedModel | None = None) -> Backend:
+    """The backend called `name`; given a model, the one instance that lives with it, so
+    what a backend builds around a model (a TransformerLens bridge, an nnsight wrapper) is
+    built once."""
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-    return BACKENDS[name]()
+    if loaded is None:
+        return BACKENDS[name]()
+    if name not in loaded.backends:
+        loaded.backends[name] = BACKENDS[name]()
+    return loaded.backends[name]

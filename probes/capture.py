@@ -108,7 +108,7 @@ def _fold_point(consumers: list, point: Point, batch: Batch, x: torch.Tensor) ->
 def capture(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: str = "hooks",
             progress: bool = True) -> Capture:
     """Run the model over every window once and fold the activations into the spec's reducers."""
-    runner = get_backend(backend)
+    runner = get_backend(backend, loaded)
     states = {r.name: r.start(loaded) for r in spec.reducers}
     wanted = sorted({p for r in spec.reducers for p in r.points(loaded)}, key=str)
     peak = 0
@@ -175,7 +175,7 @@ def activations(model: LoadedModel, corpus, points: list[str | Point], backend: 
     if needed > max_bytes:
         raise UserError(f"these activations take {needed / 2**20:,.0f} MiB, over the cap of {max_bytes / 2**20:,.0f} "
                         "MiB: ask for fewer points or tokens, raise max_bytes, or use a reducer (layerscope.capture)")
-    runner = get_backend(backend)
+    runner = get_backend(backend, model)
     parts: dict[Point, list[torch.Tensor]] = {p: [] for p in wanted}
     with model.eager_attention(needs_patterns(wanted)):
         for input_ids in windows:

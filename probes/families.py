@@ -29,6 +29,17 @@ DEFAULT_TL_HOOKS = {
 
 
 @dataclass(frozen=True)
+class Site:
+    """Where a canonical point is read: a module (a path from the block, or from the model
+    root for model-level points; "" is the block itself), its input or its output, and
+    which element of a tuple output (0: the hidden states; 1: attention weights)."""
+
+    module: str
+    reads: Literal["input", "output"]
+    item: int = 0
+
+
+@dataclass(frozen=True)
 class FamilyAdapter:
     """Module paths and norm facts of one transformer family."""
 
@@ -65,6 +76,23 @@ class FamilyAdapter:
     up_projections: tuple[str, ...] = ()
     tl_hooks: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TL_HOOKS))
 
+    def site(self, kind: str) -> Site | None:
+        """The site table: where each point kind is read in this family; None for a point
+        computed after the pass (resid_mid of parallel blocks, resid_pre + attn_out)."""
+        if kind == "resid_mid":
+            return {"ln2_input": Site(self.ln2, "input"),
+                    "module_output": Site(self.resid_mid_module or "", "output"),
+                    "derived": None}[self.resid_mid_from]
+        return {
+            "resid_pre": Site("", "input"),
+            "resid_post": Site("", "output"),
+            "attn_out": Site(self.attn_out_module or self.attn, "output"),
+            "attn_pattern": Site(self.attn, "output", item=1),
+            "mlp_act": Site(self.down_proj, "input"),
+            "mlp_out": Site(self.mlp_out_module or self.mlp, "output"),
+            "final_norm": Site(self.final_norm or "", "output"),
+        }[kind]
+
     def layer_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         return list(get_module(model, self.layers))
 
@@ -81,8 +109,9 @@ class FamilyAdapter:
 
 
 def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at a dotted path ("" is the root itself)."""
     module = root
-    for part in path.split("."):
+    for part in filter(None, path.split(".")):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
     return module
 

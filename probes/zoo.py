@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator
@@ -79,6 +79,9 @@ class LoadedModel:
     source: str
     weights_files: tuple[Path, ...] = ()
     weights_id: str | None = None
+    # Backend instances by name, living as long as this model (a TransformerLens bridge is
+    # built once); a copy made with dataclasses.replace starts with none.
+    backends: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def config(self):

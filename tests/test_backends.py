@@ -78,3 +78,35 @@ def test_backends_agree_on_smollm2(smollm2):
     for layer in range(smollm2.n_layers):
         assert _rel_err(runs["hooks"][1][Point("resid_pre", layer)], hidden[layer]) < 1e-4
     assert _rel_err(runs["transformer_lens"][1][Point("resid_post", 11)], hidden[12]) < 1e-4
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_site_table_names_a_module_for_every_point(tiny_models, family):
+    from layerscope.probes.families import get_module
+
+    loaded = tiny_models[family]
+    adapter = loaded.adapter
+    block = adapter.layer_modules(loaded.model)[0]
+    for kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn_pattern", "mlp_act"):
+        site = adapter.site(kind)
+        if site is None:
+            assert kind == "resid_mid" and adapter.resid_mid_from == "derived"
+            continue
+        assert isinstance(get_module(block, site.module), torch.nn.Module), (family, kind)
+    if adapter.causal:
+        assert get_module(loaded.model, adapter.site("final_norm").module) is not loaded.model
+
+
+def test_a_backend_lives_with_its_model(tiny_models, token_batch, monkeypatch):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    loaded = tiny_models["llama"]
+    built = []
+    boot = TransformerBridge.boot_transformers
+    monkeypatch.setattr(TransformerBridge, "boot_transformers",
+                        staticmethod(lambda *a, **k: built.append(1) or boot(*a, **k)))
+    wanted = points(["resid_post"], loaded.n_layers)
+    for _ in range(2):
+        get_backend("transformer_lens", loaded).run(loaded, token_batch, wanted)
+    assert len(built) == 1
+    assert get_backend("hooks", loaded) is get_backend("hooks", loaded)
