@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from layerscope.analysis.metric import Metric, Tables
 from layerscope.analysis.registry import METRICS
 from layerscope.analysis.store import DEFAULT_ROOT, load_run
+from layerscope.probes.files import write_atomic
 
 SURVEY = "survey"
 # The modebar logo is a link to an outside site; an offline report has no use for it.
@@ -122,5 +123,5 @@ def write_report(run_id: str, output: Path, root: Path = DEFAULT_ROOT) -> int:
     document, n_figures = report_html(manifest, tables)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(document, encoding="utf-8")
+    write_atomic(output, document)
     return n_figures

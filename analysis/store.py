@@ -33,6 +33,7 @@ from typing import Iterator
 import pandas as pd
 
 from layerscope.probes.errors import UserError
+from layerscope.probes.files import publish_dir, safe_name
 
 DEFAULT_ROOT = Path("runs")
 MANIFEST = "manifest.json"
@@ -43,8 +44,7 @@ VERSIONED_PACKAGES = ("layerscope", "torch", "transformers", "transformer-lens",
 
 def new_run_id(metric: str, model: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name or model)
-    return f"{stamp}-{metric}-{safe_model}-{uuid.uuid4().hex[:6]}"
+    return f"{stamp}-{metric}-{safe_name(model)}-{uuid.uuid4().hex[:6]}"
 
 
 def package_versions() -> dict[str, str]:
@@ -123,7 +123,7 @@ def open_run(manifest: dict, root: Path = DEFAULT_ROOT, run_id: str | None = Non
         (staging / OWNER).unlink()
         try:
             # Renaming onto an existing run fails because a run folder is never empty.
-            os.rename(staging, writer.path)
+            publish_dir(staging, writer.path)
         except OSError:
             raise UserError(f"run {run_id!r} already exists in {root}") from None
     except BaseException:

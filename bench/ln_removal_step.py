@@ -45,7 +45,7 @@ from layerscope.probes.norms import is_real_norm  # noqa: E402
 from layerscope.probes.zoo import FROZEN_NORMS_FILE, LoadedModel, load_model  # noqa: E402
 
 MODEL = "smollm2-135m"
-DEFAULT_DIR = Path(f"runs/ln-removal/{MODEL}-norm-free")
+DEFAULT_DIR = Path(f"ln-removal/{MODEL}-norm-free")
 CANDIDATE_BATCHES = 24
 
 

@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 from jaxtyping import Float
 
-from layerscope.probes.interventions import _check_layers, _first, _hooked, _replace_first
+from layerscope.probes.families import output_item, with_first_output
+from layerscope.probes.interventions import _check_layers, _hooked
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -27,11 +28,11 @@ def set_large_activations(loaded: LoadedModel, layer: int, dims: list[int], thre
     dims_t = torch.tensor(dims)
 
     def write(module, args, output):
-        x = _first(output).clone()
+        x = output_item(output).clone()
         chosen = x[..., dims_t]
         replacement = values.to(x).expand_as(chosen)
         x[..., dims_t] = torch.where(chosen.abs() >= threshold, replacement, chosen)
-        return _replace_first(output, x)
+        return with_first_output(output, x)
 
     with _hooked([lambda: block.register_forward_hook(write)]):
         yield

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 
 from layerscope.probes.errors import UserError
-from layerscope.probes.families import get_module
+from layerscope.probes.families import get_module, output_item
 from layerscope.probes.zoo import LoadedModel
 
 LAYER_KINDS = ("resid_pre", "attn_out", "attn_pattern", "resid_mid", "mlp_act", "mlp_out", "resid_post")
@@ -68,11 +68,6 @@ class Backend(Protocol):
 
         A backend that can hands each point of `stream` to its consumer during the pass
         and leaves it out of the returned activations; one that cannot returns it as usual."""
-
-
-def _item(output, item: int = 0):
-    """Element `item` of a module's tuple output; a plain tensor output is its own element 0."""
-    return output[item] if isinstance(output, tuple) else output
 
 
 def needs_patterns(wanted: list[Point]) -> bool:
@@ -143,7 +138,7 @@ class HooksBackend:
                 sink[point] = value
 
         def store_output(point, item):
-            return lambda module, args, output: keep(point, _item(output, item).detach())
+            return lambda module, args, output: keep(point, output_item(output, item).detach())
 
         def store_input(point):
             def hook(module, args, kwargs):
@@ -196,7 +191,7 @@ class TransformerLensBackend:
             names[template.format(layer=p.layer)] = p
         with torch.no_grad():
             logits, cache = bridge.run_with_cache(input_ids, names_filter=lambda n: n in names)
-        acts = {p: _item(cache[name]).detach() for name, p in names.items()}
+        acts = {p: output_item(cache[name]).detach() for name, p in names.items()}
         _derive_resid_mid(loaded, acts, wanted)
         return (logits if loaded.adapter.causal else None), {p: acts[p] for p in wanted}
 
@@ -238,7 +233,7 @@ class NNsightBackend:
                     saved[p] = module.output.save()
             if adapter.causal:
                 logits = envoy.output.logits.save()
-        acts = {p: _item(v).detach() for p, v in saved.items()}
+        acts = {p: output_item(v).detach() for p, v in saved.items()}
         _derive_resid_mid(loaded, acts, wanted)
         return logits, {p: acts[p] for p in wanted}
 

@@ -116,6 +116,17 @@ def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
+def output_item(output, item: int = 0):
+    """Element `item` of a module's tuple output (0: the hidden states); a plain tensor
+    output is its own element 0."""
+    return output[item] if isinstance(output, tuple) else output
+
+
+def with_first_output(output, value):
+    """The module output with its hidden states replaced by `value`, in the same format."""
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
 _LLAMA_LIKE = dict(
     layers="model.layers",
     attn="self_attn",

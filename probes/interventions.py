@@ -18,7 +18,7 @@ from jaxtyping import Float
 
 from layerscope.probes.backends import Point
 from layerscope.probes.errors import UserError
-from layerscope.probes.families import get_module
+from layerscope.probes.families import get_module, output_item, with_first_output
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -29,9 +29,6 @@ def _check_layers(loaded: LoadedModel, layers) -> list[int]:
             raise UserError(f"layer {layer} is out of range: {loaded.spec.name} has layers 0..{loaded.n_layers - 1}")
     return layers
 
-
-def _replace_first(output, value):
-    return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
 @contextlib.contextmanager
@@ -53,7 +50,7 @@ def skip_blocks(loaded: LoadedModel, layers) -> Iterator[None]:
 
     def identity(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
-        return _replace_first(output, hidden)
+        return with_first_output(output, hidden)
 
     with _hooked([lambda b=blocks[l]: b.register_forward_hook(identity, with_kwargs=True)
                   for l in _check_layers(loaded, layers)]):
@@ -80,7 +77,7 @@ def ablate_sublayer(loaded: LoadedModel, layers, part: Literal["attn", "mlp"],
         def hook(module, args, output):
             current = output[0] if isinstance(output, tuple) else output
             value = torch.zeros_like(current) if mode == "zero" else means[layer].to(current).expand_as(current)
-            return _replace_first(output, value)
+            return with_first_output(output, value)
         return hook
 
     with _hooked([lambda l=l: sublayer_module(loaded, l, part).register_forward_hook(replacer(l))
@@ -103,7 +100,7 @@ def set_activations(loaded: LoadedModel, point: Point, positions: list[int] | No
         return x
 
     if point.kind == "resid_post":
-        register = lambda: layer.register_forward_hook(lambda m, a, out: _replace_first(out, write(_first(out))))
+        register = lambda: layer.register_forward_hook(lambda m, a, out: with_first_output(out, write(output_item(out))))
     elif point.kind == "resid_pre":
         register = lambda: layer.register_forward_pre_hook(_pre_writer(write), with_kwargs=True)
     elif point.kind == "mlp_act":
@@ -114,9 +111,6 @@ def set_activations(loaded: LoadedModel, point: Point, positions: list[int] | No
     with _hooked([register]):
         yield
 
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _pre_writer(write):

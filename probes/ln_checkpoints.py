@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from layerscope.probes.errors import UserError
+from layerscope.probes.files import atomic_path, publish_dir, safe_name
 from layerscope.probes.families import get_module
 from layerscope.probes.interventions import FrozenNorm, swap_module
 from layerscope.probes.zoo import FROZEN_NORMS_FILE, LoadedModel
@@ -44,10 +45,6 @@ class RemovalPaths:
     @property
     def control(self) -> Path:
         return self.checkpoint_dir / CONTROL_CHECKPOINT
-
-
-def safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
 
 
 def default_folder(runs_dir: Path) -> Path:
@@ -125,14 +122,8 @@ def plan_paths(runs_dir: Path, model_name: str, checkpoint_dir: Path | None = No
 def save_checkpoint(state: dict, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -190,10 +181,10 @@ def save_norm_free(loaded: LoadedModel, target: Path, provenance: dict) -> Path:
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
-            staging.rename(target)
+            publish_dir(staging, target)
             shutil.rmtree(old)
         else:
-            staging.rename(target)
+            publish_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -29,6 +29,7 @@ from layerscope.probes.ln_options import RemovalConfig
 from layerscope.probes.ln_schedule import RemovalEvent, batch_for_step, learning_rate, removal_schedule
 from layerscope.probes.norms import frozen_scales, token_scale, tracking, unwrap_norms, wrap_norms
 from layerscope.probes.zoo import LoadedModel
+from layerscope.probes.replay import next_token_ce
 
 MASK_RATE = 0.15
 HISTORY_COLUMNS = ("step", "loss", "aux", "lr", "grad_norm", "removed")
@@ -53,7 +54,7 @@ def token_loss(loaded: LoadedModel, ids: Int[torch.Tensor, "batch pos"], seed: i
     models, masked tokens (drawn with `seed`) for encoders."""
     if loaded.adapter.causal:
         logits = loaded.model(input_ids=ids, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()), ids[:, 1:].numel()
+        return next_token_ce(logits.float(), ids).mean(), ids[:, 1:].numel()
     inputs, labels = _masked(loaded, ids, seed)
     logits = loaded.model(input_ids=inputs).logits
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 
 from layerscope.probes.errors import UserError
-from layerscope.probes.families import get_module
+from layerscope.probes.families import get_module, output_item, with_first_output
 from layerscope.probes.interventions import swap_module
 from layerscope.probes.zoo import LoadedModel
 
@@ -31,12 +31,6 @@ PLACEMENTS = ("pre", "post", "peri", "mix", "lns")
 MIX_POST_FRACTION = 0.25
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _with_first(output, value):
-    return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
 class PostNormed(torch.nn.Module):
@@ -50,7 +44,7 @@ class PostNormed(torch.nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         output = self.sublayer(hidden_states, *args, **kwargs)
-        return _with_first(output, self.norm(hidden_states + _first(output)) - hidden_states)
+        return with_first_output(output, self.norm(hidden_states + output_item(output)) - hidden_states)
 
 
 class OutputNormed(torch.nn.Module):
@@ -63,7 +57,7 @@ class OutputNormed(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         output = self.sublayer(*args, **kwargs)
-        return _with_first(output, self.norm(_first(output)))
+        return with_first_output(output, self.norm(output_item(output)))
 
 
 class Scaled(torch.nn.Module):

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 
-from layerscope.probes.families import get_module
+from layerscope.probes.families import get_module, output_item
 from layerscope.probes.interventions import ablate_sublayer
 from layerscope.probes.zoo import LoadedModel
 
@@ -39,9 +39,6 @@ class CleanPass:
         return after - self.resid_pre[layer]
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
 
 @torch.no_grad()
 def record_clean_pass(loaded: LoadedModel, input_ids: Int[torch.Tensor, "batch pos"]) -> CleanPass:
@@ -56,7 +53,7 @@ def record_clean_pass(loaded: LoadedModel, input_ids: Int[torch.Tensor, "batch p
         block_args.append((args[1:], rest))
 
     handles = [b.register_forward_pre_hook(remember, with_kwargs=True) for b in blocks]
-    handles.append(blocks[-1].register_forward_hook(lambda m, a, out: final.__setitem__("resid", _first(out))))
+    handles.append(blocks[-1].register_forward_hook(lambda m, a, out: final.__setitem__("resid", output_item(out))))
     try:
         output = loaded.model(input_ids, use_cache=False) if loaded.adapter.causal else loaded.model(input_ids)
     finally:
@@ -103,7 +100,7 @@ def skip_and_continue(loaded: LoadedModel, clean: CleanPass, layer: int, part: S
 def _run_one(loaded, clean, layer, hidden):
     """One block on `hidden`, called with the arguments it got in the clean pass."""
     args, kwargs = clean.block_args[layer]
-    out = _first(loaded.adapter.layer_modules(loaded.model)[layer](hidden, *args, **kwargs))
+    out = output_item(loaded.adapter.layer_modules(loaded.model)[layer](hidden, *args, **kwargs))
     return out, out - hidden
 
 

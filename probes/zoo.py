@@ -12,8 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +33,7 @@ from transformers import (
 )
 
 from layerscope.probes.errors import UserError
+from layerscope.probes.files import build_dir_atomic
 from layerscope.probes.families import FamilyAdapter, adapter_for
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,18 +169,6 @@ def _package_dir(package: str) -> Path:
     return Path(found.submodule_search_locations[0])
 
 
-def _atomic_dir(target: Path, build: Callable[[Path], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _smollm2_cache() -> Path:
@@ -203,7 +190,7 @@ def _smollm2_cache() -> Path:
         digest = hashlib.sha256((gguf_dir / SMOLLM2_GGUF).read_bytes()).hexdigest()
         (staging / "layerscope.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF, "gguf_sha256": digest}))
 
-    _atomic_dir(target, convert)
+    build_dir_atomic(target, convert)
     return target
 
 
@@ -272,7 +259,7 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     """
     path = cache_dir() / "tokenizers" / "bytes"
     if not (path / "tokenizer.json").exists():
-        _atomic_dir(path, _build_byte_tokenizer)
+        build_dir_atomic(path, _build_byte_tokenizer)
     return AutoTokenizer.from_pretrained(path)
 
 
