@@ -83,7 +83,7 @@ class Metric:
     @property
     def about(self) -> str:
         """The measurement module's docstring: what it measures and which paper it follows."""
-        defined_by = self.tables if self.tables is not no_tables else self.replay
+        defined_by = next(f for f in (self.tables, self.replay, self.figures) if f not in (no_tables, None))
         return sys.modules[defined_by.__module__].__doc__ or ""
 
     def applies_to(self, loaded: LoadedModel) -> bool:

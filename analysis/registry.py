@@ -33,3 +33,17 @@ def _collect() -> dict[str, Metric]:
 
 
 METRICS: dict[str, Metric] = _collect()
+
+
+def _experiments() -> dict[str, Metric]:
+    """Stored runs that are not measurements of a pass (LayerNorm removal by fine-tuning):
+    the report and the app draw them, and the menus of measurements leave them out."""
+    from layerscope.analysis import ln_removal
+
+    experiment = Metric(ln_removal.METRIC_NAME, "LayerNorm removal by fine-tuning: loss per step and eval CE",
+                        figures=ln_removal.figures, summarize=ln_removal.summarize, kind="experiment")
+    return {experiment.name: experiment}
+
+
+# Everything a stored run can hold, by the name its manifest gives.
+DRAWN: dict[str, Metric] = {**METRICS, **_experiments()}

@@ -14,11 +14,11 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from layerscope.analysis.metric import Metric, Tables
-from layerscope.analysis.registry import METRICS
+from layerscope.analysis.registry import DRAWN
+from layerscope.analysis.result import metric_names
 from layerscope.analysis.store import DEFAULT_ROOT, load_run
 from layerscope.probes.files import write_atomic
 
-SURVEY = "survey"
 # The modebar logo is a link to an outside site; an offline report has no use for it.
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -33,17 +33,10 @@ class MetricFigures:
     findings: list[str] = field(default_factory=list)
 
 
-def run_metric_names(manifest: dict) -> list[str]:
-    """The measurements a run holds: one for `analyze` runs, every surveyed one for `survey`."""
-    if manifest.get("metric") == SURVEY:
-        return list(manifest.get("options") or {})
-    return [manifest["metric"]] if manifest.get("metric") else []
-
-
 def run_figures(manifest: dict, tables: Tables) -> list[MetricFigures]:
     out = []
-    for name in run_metric_names(manifest):
-        metric = METRICS.get(name)
+    for name in metric_names(manifest):
+        metric = DRAWN.get(name)
         if metric is None:
             out.append(MetricFigures(name, None))
             continue

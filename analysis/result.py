@@ -48,16 +48,16 @@ class Result:
 
     def figures(self) -> list[go.Figure]:
         """Every figure of every measurement in the result, in measurement order."""
-        from layerscope.analysis.registry import METRICS
+        from layerscope.analysis.registry import DRAWN
 
-        return [fig for name in self.metrics if name in METRICS for fig in METRICS[name].figures(self.tables)]
+        return [fig for name in self.metrics if name in DRAWN for fig in DRAWN[name].figures(self.tables)]
 
     @property
     def summary(self) -> list[str]:
         """One-line findings of each measurement, and a note for each one left out."""
-        from layerscope.analysis.registry import METRICS
+        from layerscope.analysis.registry import DRAWN
 
-        lines = [line for name in self.metrics if name in METRICS for line in METRICS[name].summarize(self.tables)]
+        lines = [line for name in self.metrics if name in DRAWN for line in DRAWN[name].summarize(self.tables)]
         return lines + list(self.manifest.get("notes", []))
 
     def show(self) -> Path | None:

@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from layerscope.analysis.metric import Metric
-from layerscope.analysis.registry import METRICS
+from layerscope.analysis.registry import DRAWN, METRICS
 from layerscope.analysis.report import PLOT_CONFIG, run_figures
 from layerscope.analysis.store import list_runs, load_run
 from layerscope.app.workbench import CORPUS_KINDS, AppSettings, CorpusChoice, checked_model_name, corpus_choice
@@ -218,7 +218,7 @@ def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
             st.plotly_chart(figure, config=PLOT_CONFIG, key=f"{run_id}.{name}.{number}")
     if with_tables:
         shown = tables
-        metric = METRICS.get(manifest.get("metric"))
+        metric = DRAWN.get(manifest.get("metric"))
         if metric is not None:
             shown = metric.display(tables)
         for name, table in shown.items():

@@ -83,6 +83,14 @@ def test_remove_norms_returns_named_results_and_leaves_the_model_as_it_was(tmp_p
     assert manifest["metric"] == "ln-removal" and manifest["norm_free_model"] == str(result.norm_free_model.resolve())
     assert tables["ln_removal_loss"].equals(result_tables(result)["ln_removal_loss"])
     assert len(figures(tables)) == 1 and len(figures(tables)[0].data) >= 3
+    # The report and Result.load draw the stored run like any measurement.
+    from layerscope.analysis.report import write_report
+    from layerscope.analysis.result import Result
+
+    stored = Result.load(run)
+    assert len(stored.figures()) == 1 and stored.summary[0].startswith("ln-removal eval CE")
+    assert write_report(run.name, tmp_path / "report.html", tmp_path / "runs") == 1
+    assert "not drawn" not in (tmp_path / "report.html").read_text()
 
 
 def test_remove_norms_without_controls_and_with_explicit_folders(tmp_path):

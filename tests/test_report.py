@@ -6,7 +6,8 @@ from html.parser import HTMLParser
 import pytest
 
 from layerscope.analysis.registry import METRICS
-from layerscope.analysis.report import report_html, run_metric_names
+from layerscope.analysis.report import report_html
+from layerscope.analysis.result import metric_names as run_metric_names
 from layerscope.analysis.store import load_run, save_run
 from layerscope.app.cli import main
 from layerscope.probes.corpus import CorpusSpec, token_windows
