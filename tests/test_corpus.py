@@ -74,6 +74,7 @@ def test_bad_corpus_files(tmp_path, content, suffix, message):
     (CorpusSpec("stdlib", seq_len=64, max_tokens=0), "max_tokens must be positive"),
     (CorpusSpec("stdlib", seq_len=512, max_tokens=1024), "above the model's context"),
     (CorpusSpec("text:short", seq_len=64, max_tokens=1024), "fewer than one window"),
+    (CorpusSpec("stdlib", seq_len=128, max_tokens=1), "max_tokens 1 is less than one window of seq_len 128"),
 ])
 def test_bad_window_settings(tokenizer, spec, message):
     with pytest.raises(UserError, match=message):
