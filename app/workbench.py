@@ -109,7 +109,11 @@ class CorpusChoice:
         elif self.kind == "stdlib":
             identity["python"] = package_versions()["python"]
         else:
-            identity["file_sha256"] = hashlib.sha256(Path(self.source).read_bytes()).hexdigest()
+            # The size, mtime and hash of the first bytes, as the windows record: cheap on
+            # every rerun of the page, however large the file.
+            from layerscope.probes.corpus import file_identity
+
+            identity["file"] = file_identity(self.source)
         return identity
 
     def spec_for(self, loaded: LoadedModel) -> CorpusSpec:

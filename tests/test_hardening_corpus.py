@@ -237,6 +237,16 @@ def test_file_identity_is_cheap_and_follows_size_mtime_and_the_first_bytes(tmp_p
     assert file_identity(path)["sha256"] != identity["sha256"]
 
 
+def test_the_workbench_key_uses_the_cheap_file_identity(tmp_path):
+    from layerscope.app.workbench import CorpusChoice
+
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"a line of text\n" * 200_000)
+    identity = CorpusChoice("file", str(path), 64, 512).identity()
+    assert identity["file"] == file_identity(path)
+    assert identity["file"]["bytes_read"] < path.stat().st_size
+
+
 def test_blank_files_are_empty_however_large(tmp_path):
     tokenizer = byte_tokenizer()
     blank = tmp_path / "blank.txt"
