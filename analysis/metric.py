@@ -10,6 +10,7 @@ starts from what the shared pass measured.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Callable
@@ -36,6 +37,21 @@ def _same(tables: Tables) -> Tables:
 
 def _nothing(tables: Tables) -> list:
     return []
+
+
+def check_bounds(options) -> None:
+    """Every number of an options dataclass is finite and inside its field's `min`/`max`
+    metadata, so that no size option can ask for more than the data holds."""
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"{f.name} must be a finite number, got {value}")
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise UserError(f"{f.name} must be between {low if low is not None else '-inf'} and "
+                            f"{high if high is not None else 'inf'}, got {value}")
 
 
 def no_probe(options, loaded: LoadedModel) -> ProbeSpec:

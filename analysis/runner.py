@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 
 import pandas as pd
 
-from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.metric import Metric, Tables, check_bounds
 from layerscope.analysis.registry import METRICS
 from layerscope.analysis.result import Result
 from layerscope.analysis.store import package_versions
@@ -45,6 +45,7 @@ def resolve_options(metric: Metric, given, shared: dict):
     """A measurement's options: a dataclass as given, or built from a dict of its fields and
     the keyword options that name one of its fields."""
     if isinstance(given, metric.options):
+        check_bounds(given)
         return given
     if given is not None and not isinstance(given, dict):
         raise UserError(f"options for {metric.name} must be a {metric.options.__name__} or a dict, "
@@ -55,7 +56,9 @@ def resolve_options(metric: Metric, given, shared: dict):
     if unknown:
         raise UserError(f"{metric.name} has no option {', '.join(unknown)}; its options: "
                         f"{', '.join(metric.option_names) or 'none'}")
-    return metric.options(**values)
+    options = metric.options(**values)
+    check_bounds(options)
+    return options
 
 
 def _union(specs: dict[str, ProbeSpec]) -> ProbeSpec:

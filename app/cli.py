@@ -45,9 +45,33 @@ def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="token budget")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per forward pass")
     parser.add_argument("--backend", default="hooks", choices=["hooks", "transformer_lens", "nnsight"])
+    add_placement_args(parser)
     parser.add_argument("--format", default="table", choices=["table", "json"])
     parser.add_argument("--runs-dir", default="runs", help="run store folder")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write a run")
+
+
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """Where the model runs: --device, --dtype, --device-map and --threads."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (the first GPU if any, else cpu), cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights and activations; statistics are summed in float32/float64 whatever this is "
+                             "(default auto: the checkpoint's own on a GPU, float32 on the CPU)")
+    parser.add_argument("--device-map", default=None, choices=["auto"],
+                        help="spread a model too big for one device over every visible device (needs accelerate)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice)")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if not 1 <= threads <= (os.cpu_count() or 1) * 4:
+        raise UserError(f"--threads must be between 1 and {(os.cpu_count() or 1) * 4}, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _literal(text: str) -> str:
@@ -136,8 +160,9 @@ def _prepare(args):
     from layerscope.probes.corpus import CorpusSpec, token_windows
     from layerscope.probes.zoo import load_model
 
+    set_threads(args.threads)
     started = time.perf_counter()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     load_seconds = time.perf_counter() - started
     corpus = CorpusSpec(args.corpus, args.seq_len, args.max_tokens, args.batch_size)
     windows = token_windows(corpus, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
@@ -174,10 +199,12 @@ def _measure(args, metrics: list[str] | None, options: dict | None = None):
 
 
 def cmd_analyze(args) -> int:
+    from layerscope.analysis.metric import check_bounds
     from layerscope.analysis.registry import METRICS
 
     metric = METRICS[args.metric]
     options = metric.options(**{name: getattr(args, name) for name in metric.option_names})
+    check_bounds(options)
     _, _, result = _measure(args, [metric.name], {metric.name: options})
     tables = result.tables
     shown = tables if args.format == "json" else metric.display(tables)

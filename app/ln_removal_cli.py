@@ -17,7 +17,7 @@ from layerscope.probes.errors import UserError
 
 
 def add_ln_removal_parser(sub) -> None:
-    from layerscope.app.cli import _add_metric_options
+    from layerscope.app.cli import _add_metric_options, add_placement_args
     from layerscope.probes.ln_removal import RemovalConfig, RemovalData
 
     parser = sub.add_parser(
@@ -28,6 +28,7 @@ def add_ln_removal_parser(sub) -> None:
                     "cross-entropy against a vanilla fine-tune of the same length.  The model and checkpoints "
                     "go to ln-removal/ beside the run store, never inside it.")
     parser.add_argument("--model", default="smollm2-135m", help="zoo name, local HF directory or Hub id")
+    add_placement_args(parser)
     _add_metric_options(parser, RemovalData)
     _add_metric_options(parser, RemovalConfig)
     parser.add_argument("--checkpoint-dir", help="where checkpoints go, outside the run store "
@@ -44,7 +45,7 @@ def add_ln_removal_parser(sub) -> None:
 
 def cmd_ln_removal(args: argparse.Namespace) -> int:
     from layerscope.analysis.ln_removal import result_tables, save_ln_removal_run, summarize
-    from layerscope.app.cli import _print_tables, _progress
+    from layerscope.app.cli import _print_tables, _progress, set_threads
     from layerscope.probes.ln_removal import RemovalConfig, RemovalData, RemovalOptions, remove_norms
     from layerscope.probes.zoo import load_model
 
@@ -57,7 +58,8 @@ def cmd_ln_removal(args: argparse.Namespace) -> int:
     data = RemovalData(**{k: getattr(args, k) for k in RemovalData.__dataclass_fields__})
     options.paths(args.model)  # bad folders fail before the model loads
 
-    loaded = load_model(args.model)
+    set_threads(args.threads)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     train, evaluation = data.windows(loaded)
     result = remove_norms(loaded, train, evaluation, options, progress=_progress(args))
     del loaded

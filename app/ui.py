@@ -165,6 +165,12 @@ def _number(value, kind: type, label: str, optional: bool):
     return kind(value)
 
 
+def _bounds(f, kind: type) -> dict:
+    """The widget's limits from the field's `min`/`max`, so one click cannot ask for more."""
+    return {arg: kind(f.metadata[name]) for arg, name in (("min_value", "min"), ("max_value", "max"))
+            if name in f.metadata}
+
+
 def option_controls(metric: Metric):
     """One widget per field of the measurement's options dataclass; returns the options.
 
@@ -184,11 +190,11 @@ def option_controls(metric: Metric):
         elif kind is bool:
             values[f.name] = st.checkbox(label, help=help_text, key=key)
         elif kind is int:
-            values[f.name] = _number(st.number_input(label, value=None, step=1, help=help_text, key=key),
-                                     int, label, optional)
+            values[f.name] = _number(st.number_input(label, value=None, step=1, help=help_text, key=key,
+                                                     **_bounds(f, int)), int, label, optional)
         elif kind is float:
-            values[f.name] = _number(st.number_input(label, value=None, help=help_text, key=key, format="%g"),
-                                     float, label, optional)
+            values[f.name] = _number(st.number_input(label, value=None, help=help_text, key=key, format="%g",
+                                                     **_bounds(f, float)), float, label, optional)
         else:
             values[f.name] = st.text_input(label, help=help_text, key=key)
     return metric.options(**values)

@@ -120,7 +120,7 @@ class HooksBackend:
         waiting = {q for p in wanted if _is_derived(loaded, p) for q in (p, *_derivation_sources(p))}
         streamed = {p: consume for p, consume in (stream or {}).items() if p in wanted and p not in waiting}
         with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), self.hooks(loaded, needed, acts, streamed):
-            output = loaded.model(input_ids)
+            output = loaded.model(input_ids.to(loaded.input_device))
         _derive_resid_mid(loaded, acts, wanted)
         return _logits(loaded, output), {p: acts[p] for p in wanted if p not in streamed}
 
@@ -190,7 +190,7 @@ class TransformerLensBackend:
             template = "ln_final.hook_out" if p.layer is None else loaded.adapter.tl_hooks[p.kind]
             names[template.format(layer=p.layer)] = p
         with torch.no_grad():
-            logits, cache = bridge.run_with_cache(input_ids, names_filter=lambda n: n in names)
+            logits, cache = bridge.run_with_cache(input_ids.to(loaded.input_device), names_filter=lambda n: n in names)
         acts = {p: output_item(cache[name]).detach() for name, p in names.items()}
         _derive_resid_mid(loaded, acts, wanted)
         return (logits if loaded.adapter.causal else None), {p: acts[p] for p in wanted}
@@ -220,7 +220,7 @@ class NNsightBackend:
         adapter = loaded.adapter
         saved = {}
         logits = None
-        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), envoy.trace(input_ids):
+        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), envoy.trace(input_ids.to(loaded.input_device)):
             layers = _envoy_module(envoy, adapter.layers)
             for p in _needed(loaded, wanted):
                 site = adapter.site(p.kind)

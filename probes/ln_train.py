@@ -52,6 +52,7 @@ def _masked(loaded: LoadedModel, ids: Int[torch.Tensor, "batch pos"], seed: int
 def token_loss(loaded: LoadedModel, ids: Int[torch.Tensor, "batch pos"], seed: int) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy and the number of tokens it averages: the next token for causal
     models, masked tokens (drawn with `seed`) for encoders."""
+    ids = ids.to(loaded.input_device)
     if loaded.adapter.causal:
         logits = loaded.model(input_ids=ids, use_cache=False).logits
         return next_token_ce(logits.float(), ids).mean(), ids[:, 1:].numel()

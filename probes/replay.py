@@ -42,6 +42,7 @@ class CleanPass:
 
 @torch.no_grad()
 def record_clean_pass(loaded: LoadedModel, input_ids: Int[torch.Tensor, "batch pos"]) -> CleanPass:
+    input_ids = input_ids.to(loaded.input_device)
     blocks = loaded.adapter.layer_modules(loaded.model)
     resid_pre, block_args = [], []
     final = {}
@@ -233,8 +234,8 @@ def mean_ce(loaded: LoadedModel, batches, skipped: list[int] = ()) -> float:
     total, count = 0.0, 0
     with skip_blocks(loaded, skipped):
         for input_ids in batches:
-            logits = loaded.model(input_ids, use_cache=False).logits
-            total += next_token_ce(logits, input_ids).sum().item()
+            logits = loaded.model(input_ids.to(loaded.input_device), use_cache=False).logits
+            total += next_token_ce(logits, input_ids.to(logits.device)).sum().item()
             count += input_ids.shape[0] * (input_ids.shape[1] - 1)
     return total / count
 

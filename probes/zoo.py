@@ -157,7 +157,19 @@ class LoadedModel:
             "causal": self.adapter.causal,
             "parameters": self.n_params,
             "source": self.source,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "devices": sorted({str(p.device) for p in self.model.parameters()}),
         }
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids go: the device of the input embedding (the first block's, when
+        the model is spread over several devices)."""
+        return self.model.get_input_embeddings().weight.device
 
 
 # ---------------------------------------------------------------- embedded models
@@ -385,12 +397,20 @@ def list_models() -> list[dict]:
     return rows
 
 
-def load_model(spec: ModelSpec | str, attn_implementation: str | None = None) -> LoadedModel:
-    """Load a model by zoo name, local directory or Hub id; never runs remote code."""
+def load_model(spec: ModelSpec | str, attn_implementation: str | None = None, device: str = "auto",
+               dtype: str = "auto", device_map: str | None = None) -> LoadedModel:
+    """Load a model by zoo name, local directory or Hub id, never running code shipped with
+    it, and place it: on `device` ("auto": the first GPU if there is one, else the CPU) in
+    `dtype` ("auto": the checkpoint's own on a GPU, float32 on the CPU), or across every
+    visible device with `device_map="auto"`."""
     if isinstance(spec, str):
         spec = ModelSpec(spec)
     if attn_implementation:
         spec = ModelSpec(spec.name, attn_implementation)
+    return place(_load_on_cpu(spec), device, dtype, device_map)
+
+
+def _load_on_cpu(spec: ModelSpec) -> LoadedModel:
     base, _, placement = spec.name.partition("@")
     if placement:
         from layerscope.probes.placements import apply_placement
@@ -398,7 +418,7 @@ def load_model(spec: ModelSpec | str, attn_implementation: str | None = None) ->
         if not (base.startswith("tiny-") or base.startswith(CONFIG_PREFIX)):
             raise UserError(f"norm placements apply to models built from a config (tiny-*, {CONFIG_PREFIX}...), "
                             f"not to the trained weights of {base!r}")
-        loaded = load_model(ModelSpec(base, spec.attn_implementation))
+        loaded = _load_on_cpu(ModelSpec(base, spec.attn_implementation))
         loaded.spec = spec
         return apply_placement(loaded, placement)
     if spec.name.startswith(CONFIG_PREFIX):
@@ -414,3 +434,63 @@ def load_model(spec: ModelSpec | str, attn_implementation: str | None = None) ->
         raise UserError(f"unknown model {spec.name!r}; known: {', '.join(known_model_names())}, "
                         "a local HF directory, or a Hub id such as org/name")
     return _load_hub(spec)
+
+
+# ---------------------------------------------------------------- devices and dtypes
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """A torch device from `--device`, checked against what this machine has."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is visible on this machine; use --device cpu")
+        if (chosen.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif chosen.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: MPS is not available on this machine")
+    elif chosen.type != "cpu":
+        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    return chosen
+
+
+def resolve_dtype(dtype: str, device: torch.device, config) -> torch.dtype:
+    """A torch dtype from `--dtype`; "auto" is float32 on the CPU and the checkpoint's own
+    floating dtype elsewhere."""
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        own = DTYPES.get(str(own).removeprefix("torch."), own) if own is not None else None
+        return own if isinstance(own, torch.dtype) and own.is_floating_point else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def place(loaded: LoadedModel, device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> LoadedModel:
+    """Move a model loaded on the CPU to its device and dtype, or spread its blocks over
+    every visible device (`device_map="auto"`, through accelerate)."""
+    if device_map not in (None, "auto"):
+        raise UserError(f"device_map must be 'auto' or unset, got {device_map!r}")
+    target = resolve_device("auto" if device_map else device)
+    chosen = resolve_dtype(dtype, target, loaded.config)
+    if device_map:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        block = type(loaded.adapter.layer_modules(loaded.model)[0]).__name__
+        loaded.model.to(chosen)
+        plan = infer_auto_device_map(loaded.model, no_split_module_classes=[block], dtype=chosen)
+        loaded.model = dispatch_model(loaded.model, device_map=plan)
+    elif target.type != "cpu" or chosen != torch.float32:
+        loaded.model.to(device=target, dtype=chosen)
+    return loaded
