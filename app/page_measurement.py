@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from layerscope.analysis.registry import METRICS
-from layerscope.analysis.store import find_run
+from layerscope.analysis.store import runs_with_key
 from layerscope.app import ui
 from layerscope.app.workbench import measure, measurement_key
 
@@ -26,16 +26,23 @@ def measurement_page(metric_name: str) -> None:
             options = ui.option_controls(metric)
         model, corpus, backend = ui.chosen_model(), ui.chosen_corpus(), ui.chosen_backend()
         root = ui.settings().runs_dir
-        key = measurement_key(metric, model, corpus, options, backend)
-        run_id = find_run(key, root)
-        if st.button("Run again" if run_id else "Run", type="secondary" if run_id else "primary",
+        placement = ui.chosen_placement()
+        key = measurement_key(metric, model, corpus, options, backend, placement)
+        stored = runs_with_key(key, root)
+        run_id = next((row["run_id"] for row in stored if row["status"] == "complete"), None)
+        damaged = None if run_id else next((row for row in stored if row["status"] == "corrupt"), None)
+        if st.button("Run again" if run_id or damaged else "Run", type="secondary" if run_id else "primary",
                      key=f"{metric.name}.run"):
             bar = st.progress(0.0, text=f"loading {model}")
-            loaded, lock = ui.cached_model(model)
+            loaded, lock = ui.cached_model(model, *placement)
             with lock:
                 measure(metric, loaded, corpus, options, key, ui.settings(), backend,
                         on_stage=lambda fraction, text: bar.progress(fraction, text=text))
             st.rerun()  # draw the page again as it is for a stored run
+        if damaged is not None:
+            st.error(f"the stored run {damaged['run_id']} of these settings is corrupt ({damaged['problem']}): "
+                     "press Run again to measure anew, or remove it on the Runs page")
+            return
         if run_id is None:
             st.info(f"{metric.name} has not been measured on {model} with these settings yet: press Run.")
             return

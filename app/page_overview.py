@@ -12,7 +12,7 @@ st.caption("What does each layer of a transformer do? Pick a model and a text in
 
 with ui.user_errors():
     model = ui.chosen_model()
-    loaded, _ = ui.cached_model(model)
+    loaded, _ = ui.cached_model(model, *ui.chosen_placement())
     card = loaded.card()
     st.header(card["model"])
     st.markdown(f"**Weights:** {card['source']}")

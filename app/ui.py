@@ -47,7 +47,7 @@ def _input_defaults() -> dict:
     defaults = CorpusSpec()
     return {"model_choice": known_model_names()[0], "model_path": "", "corpus_kind": "text",
             "corpus_text": SAMPLE_TEXT, "corpus_path": "", "seq_len": defaults.seq_len,
-            "max_tokens": defaults.max_tokens, "backend": "hooks"}
+            "max_tokens": defaults.max_tokens, "backend": "hooks", "device": "auto", "dtype": "auto"}
 
 
 def sidebar_inputs() -> None:
@@ -73,6 +73,11 @@ def sidebar_inputs() -> None:
             st.number_input("tokens per window", min_value=2, step=16, key="seq_len")
             st.number_input("token budget", min_value=2, step=512, key="max_tokens")
         st.selectbox("capture backend", list(BACKENDS), key="backend")
+        st.selectbox("device", ["auto", "cpu", "cuda", "mps"], key="device",
+                     help="auto: the first GPU if there is one, else the CPU")
+        st.selectbox("dtype", ["auto", "float32", "bfloat16", "float16"], key="dtype",
+                     help="auto: the checkpoint's own on a GPU, float32 on the CPU; statistics are summed in "
+                          "float32 or float64 whatever this is")
 
 
 def chosen_model() -> str:
@@ -91,13 +96,19 @@ def chosen_backend() -> str:
     return st.session_state.backend
 
 
+def chosen_placement() -> tuple[str, str]:
+    """The device and dtype chosen in the sidebar."""
+    return st.session_state.get("device", "auto"), st.session_state.get("dtype", "auto")
+
+
 # ---------------------------------------------------------------- caching
 
 @st.cache_resource(show_spinner="loading the model")
-def cached_model(name: str) -> tuple[LoadedModel, threading.Lock]:
-    """One loaded model per name for the whole server, with a lock, because measurements
-    hook into the shared module tree and two sessions must not do that at once."""
-    return load_model(name), threading.Lock()
+def cached_model(name: str, device: str = "auto", dtype: str = "auto") -> tuple[LoadedModel, threading.Lock]:
+    """One loaded model per name, device and dtype for the whole server, with a lock,
+    because measurements hook into the shared module tree and two sessions must not do
+    that at once."""
+    return load_model(name, device=device, dtype=dtype), threading.Lock()
 
 
 def _folder_stamp(root: Path, run_id: str) -> tuple:

@@ -5,16 +5,15 @@ measurements come from the registry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from layerscope.analysis.metric import Metric, Tables
-from layerscope.analysis.store import DEFAULT_ROOT, open_run, package_versions, run_key
+from layerscope.analysis.metric import Metric
+from layerscope.analysis.runner import measure as run_measurements
+from layerscope.analysis.store import DEFAULT_ROOT, package_versions, run_key
 from layerscope.probes.corpus import LITERAL_PREFIX, STDLIB, CorpusSpec, token_windows
 from layerscope.probes.errors import UserError
 from layerscope.probes.zoo import LoadedModel, ModelSpec, cache_dir
@@ -147,10 +146,14 @@ def corpus_choice(kind: str, text: str, path: str, seq_len: int, max_tokens: int
     raise UserError(f"unknown corpus kind {kind!r}; choose one of {', '.join(CORPUS_KINDS)}")
 
 
-def measurement_key(metric: Metric, model: str, corpus: CorpusChoice, options, backend: str) -> str:
+def measurement_key(metric: Metric, model: str, corpus: CorpusChoice, options, backend: str,
+                    placement: tuple[str, str] = ("auto", "auto")) -> str:
     """The store key of a measurement: same model, corpus content and settings, same key."""
-    return run_key({"metric": metric.name, "model": model, "corpus": corpus.identity(),
-                    "options": asdict(options), "backend": backend})
+    identity = {"metric": metric.name, "model": model, "corpus": corpus.identity(), "options": asdict(options),
+                "backend": backend}
+    if placement != ("auto", "auto"):
+        identity["device"], identity["dtype"] = placement
+    return run_key(identity)
 
 
 def measure(metric: Metric, loaded: LoadedModel, corpus: CorpusChoice, options, key: str, settings: AppSettings,
@@ -162,21 +165,10 @@ def measure(metric: Metric, loaded: LoadedModel, corpus: CorpusChoice, options, 
     on_stage(0.05, "tokenising the corpus")
     windows = token_windows(corpus.spec_for(loaded), loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
     metric.check_applies(loaded)
-    manifest = {
-        "metric": metric.name,
-        "model": {**loaded.card(), "weights_hash": loaded.weights_hash},
-        "corpus": windows.manifest(),
-        "options": {metric.name: asdict(options)},
-        "backend": backend,
-        "versions": package_versions(),
-        "key": key,
-    }
-    with open_run(manifest, settings.runs_dir) as run:
-        on_stage(0.15, f"measuring {metric.name} on {windows.n_tokens:,} tokens of {loaded.spec.name}")
-        started = time.perf_counter()
-        tables: Tables = metric(loaded, windows, options, backend=backend)
-        run.manifest["timings"] = {metric.name: time.perf_counter() - started}
-        on_stage(0.9, "saving the run")
-        run.add_tables(tables)
-    on_stage(1.0, f"stored as {run.run_id}")
-    return run.run_id
+    on_stage(0.15, f"measuring {metric.name} on {windows.n_tokens:,} tokens of {loaded.spec.name}")
+    result = run_measurements(loaded, windows, [metric.name], options={metric.name: options}, backend=backend)
+    result.manifest["key"] = key
+    on_stage(0.9, "saving the run")
+    run_id = result.save(settings.runs_dir).name
+    on_stage(1.0, f"stored as {run_id}")
+    return run_id

@@ -82,3 +82,20 @@ def test_device_map_spreads_blocks_over_two_gpus(tiny_models):
     cpu = measure(load_model("tiny-llama"), small_windows(loaded), ["residual-stats"])
     torch.testing.assert_close(torch.tensor(result["residual_stats"]["mean_norm"].to_numpy()),
                                torch.tensor(cpu["residual_stats"]["mean_norm"].to_numpy()), rtol=1e-4, atol=1e-5)
+
+
+
+def test_the_app_measures_in_the_chosen_dtype(tmp_path, monkeypatch):
+    from test_app import open_app
+
+    from layerscope.analysis.store import list_runs, load_run
+
+    monkeypatch.setenv("LAYERSCOPE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("LAYERSCOPE_ALLOWED_DIRS", str(tmp_path))
+    at = open_app("residual-stats", dtype="bfloat16")
+    assert at.sidebar.selectbox(key="device").options[:2] == ["auto", "cpu"]
+    at.button(key="residual-stats.run").click().run()
+    assert not at.exception
+    [run] = list_runs(tmp_path / "runs")
+    manifest, _ = load_run(run["run_id"], tmp_path / "runs")
+    assert manifest["model"]["dtype"] == "bfloat16"
