@@ -22,7 +22,7 @@ import torch
 from layerscope.analysis.metric import Metric, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.errors import UserError
-from layerscope.probes.reducers import LayerCosines
+from layerscope.probes.reducers import CosineMeans, LayerCosines
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -49,13 +49,13 @@ def probe(options: BlockInfluenceOptions, loaded: LoadedModel) -> ProbeSpec:
 def block_influence(capture: Capture) -> pd.DataFrame:
     """One row per layer: `block_influence`, `attn_influence`, `mlp_influence`, the angular
     distance when asked for, and `removal_rank` (ShortGPT order: 0 = lowest BI, dropped first)."""
-    mean = capture["cosines"]["mean"]
+    cosines: CosineMeans = capture["cosines"]
     table = pd.DataFrame({
         "layer": range(capture.n_layers),
-        "block_influence": (1 - mean[:, 0]).tolist(),
-        "attn_influence": (1 - mean[:, 1]).tolist(),
-        "mlp_influence": (1 - mean[:, 2]).tolist(),
-        "angular_distance": mean[:, 3].tolist(),
+        "block_influence": (1 - cosines.block).tolist(),
+        "attn_influence": (1 - cosines.attn).tolist(),
+        "mlp_influence": (1 - cosines.mlp).tolist(),
+        "angular_distance": cosines.angular.tolist(),
     })
     if table["angular_distance"].isna().all():
         table = table.drop(columns="angular_distance")

@@ -25,7 +25,7 @@ import torch
 from layerscope.analysis.metric import Metric, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
-from layerscope.probes.direct_logit import CHECK_FIELDS, COMPONENT_FIELDS, DirectLogitAttribution
+from layerscope.probes.direct_logit import DirectLogitAttribution, DLAResult
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -51,34 +51,34 @@ def dla(capture: Capture, decode=None) -> Tables:
       whether the model is `norm_free`, and the final norm's kind.
     - `dla_tokens`: the first window, one row per (position, component).
     """
-    result = capture["dla"]
-    check = dict(zip(CHECK_FIELDS, result["check"].tolist()))
-    n = max(check["tokens"], 1.0)
+    result: DLAResult = capture["dla"]
+    check, sums = result.check, result.sums
+    n = max(check.tokens, 1.0)
     rows = []
-    for (component, layer), sums in zip(result["component_names"], result["components"]):
-        s = dict(zip(COMPONENT_FIELDS, (v / n for v in sums.tolist())))
-        rows.append({"component": component, "layer": layer, "value": s["dla"], "mean_abs": s["abs_dla"],
-                     "direct_effect": s["direct_effect"], "mean_abs_dla_minus_direct": s["abs_dla_minus_direct"]})
+    for i, (component, layer) in enumerate(result.components):
+        rows.append({"component": component, "layer": layer, "value": sums.dla[i].item() / n,
+                     "mean_abs": sums.abs_dla[i].item() / n, "direct_effect": sums.direct_effect[i].item() / n,
+                     "mean_abs_dla_minus_direct": sums.abs_dla_minus_direct[i].item() / n})
     table = pd.DataFrame(rows).astype({"layer": "Int64"})
     summary = pd.DataFrame([{
-        "token": result["token"], "tokens": int(check["tokens"]), "mean_logit": check["logit"] / n,
-        "mean_dla_sum": check["dla_sum"] / n, "mean_abs_gap": check["abs_gap"] / n,
-        "max_abs_gap": check["max_abs_gap"], "direct_sum_gap": check["abs_direct_sum_gap"] / n,
-        "max_residual_gap": check["max_residual_gap"], "norm_free": result["norm_free"],
-        "final_norm": result["final_norm_kind"],
+        "token": result.token, "tokens": int(check.tokens), "mean_logit": check.logit / n,
+        "mean_dla_sum": check.dla_sum / n, "mean_abs_gap": check.abs_gap / n,
+        "max_abs_gap": check.max_abs_gap, "direct_sum_gap": check.abs_direct_sum_gap / n,
+        "max_residual_gap": check.max_residual_gap, "norm_free": result.norm_free,
+        "final_norm": result.final_norm_kind,
     }])
-    example = result["example"]
+    example = result.example
     token_rows = []
     if example is not None:
-        ids, targets = example["input_ids"].tolist(), example["target"].tolist()
+        ids, targets = example.input_ids.tolist(), example.target.tolist()
         for pos in range(len(ids)):
-            if not example["valid"][pos]:
+            if not example.valid[pos]:
                 continue
-            for (component, layer), value in zip(result["component_names"], example["terms"][:, pos].tolist()):
+            for (component, layer), value in zip(result.components, example.terms[:, pos].tolist()):
                 token_rows.append({
                     "position": pos, "token": decode([ids[pos]]) if decode else ids[pos],
                     "target": decode([targets[pos]]) if decode else targets[pos], "component": component,
-                    "layer": layer, "value": value, "logit": example["logit"][pos].item()})
+                    "layer": layer, "value": value, "logit": example.logit[pos].item()})
     tokens = pd.DataFrame(token_rows, columns=["position", "token", "target", "component", "layer", "value", "logit"])
     return {"dla": table, "dla_check": summary, "dla_tokens": tokens.astype({"layer": "Int64"})}
 

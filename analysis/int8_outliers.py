@@ -20,7 +20,7 @@ from layerscope.analysis.metric import Metric, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
-from layerscope.probes.outlier_reducers import ProjectionOutliers
+from layerscope.probes.outlier_reducers import ProjectionOutliers, ProjectionOutliersResult
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -50,12 +50,15 @@ def probe(options: Int8Options, loaded: LoadedModel) -> ProbeSpec:
 def outlier_cells(capture: Capture) -> pd.DataFrame:
     """One row per (layer, site, dim) with at least one |x| >= threshold: `token_frac`, the
     fraction of tokens reaching it, and `max_abs`.  Sites: attn_in, mlp_in."""
-    result = capture["projection_outliers"]
-    counts, max_abs = result["counts"], result["max_abs"]
+    result: ProjectionOutliersResult = capture["projection_outliers"]
+    names, by_site = zip(*result.by_site().items())
+    # [layer site dim], so that rows come by layer, then site, then dim
+    counts = torch.stack([site.counts for site in by_site], dim=1)
+    max_abs = torch.stack([site.max_abs for site in by_site], dim=1)
     layers, sites, dims = torch.nonzero(counts > 0, as_tuple=True)
     return pd.DataFrame({
-        "layer": layers.numpy(), "site": [result["sites"][s] for s in sites.tolist()], "dim": dims.numpy(),
-        "token_frac": (counts[layers, sites, dims].double() / result["tokens"]).numpy(),
+        "layer": layers.numpy(), "site": [names[s] for s in sites.tolist()], "dim": dims.numpy(),
+        "token_frac": (counts[layers, sites, dims].double() / result.tokens).numpy(),
         "max_abs": max_abs[layers, sites, dims].numpy(),
     })
 

@@ -19,7 +19,7 @@ import torch
 from layerscope.analysis.metric import Metric, NoOptions, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
-from layerscope.probes.outlier_reducers import TokenKurtosis
+from layerscope.probes.outlier_reducers import KurtosisResult, TokenKurtosis
 from layerscope.probes.zoo import LoadedModel
 
 PROBE = ProbeSpec((TokenKurtosis(),))
@@ -29,13 +29,12 @@ PROBE = ProbeSpec((TokenKurtosis(),))
 def kurtosis_by_layer(capture: Capture) -> pd.DataFrame:
     """One row per (site, layer): mean excess `kurtosis` over all tokens, over positions >= 1
     (`kurtosis_rest`) and at position 0 (`kurtosis_first`)."""
-    result = capture["kurtosis"]
-    sums, counts = result["sums"], result["counts"].double()
+    result: KurtosisResult = capture["kurtosis"]
     rows = []
-    for s, site in enumerate(result["sites"]):
+    for site, sums in result.by_site().items():
         for layer in range(capture.n_layers):
-            first, rest = sums[s, layer].tolist()
-            n_first, n_rest = counts[s, layer].tolist()
+            first, rest = sums.sum_first[layer].item(), sums.sum_rest[layer].item()
+            n_first, n_rest = float(sums.tokens_first[layer]), float(sums.tokens_rest[layer])
             rows.append({"site": site, "layer": layer, "kurtosis": (first + rest) / (n_first + n_rest),
                          "kurtosis_rest": rest / n_rest if n_rest else float("nan"),
                          "kurtosis_first": first / n_first, "tokens": int(n_first + n_rest)})

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 
 from layerscope.analysis.metric import Metric, NoOptions, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
-from layerscope.probes.reducers import LogitLens
+from layerscope.probes.reducers import LogitLens, LogitLensResult
 from layerscope.probes.zoo import LoadedModel
 
 PROBE = ProbeSpec(reducers=(LogitLens(),))
@@ -21,18 +21,18 @@ GRID_POSITIONS = 32
 
 
 def logit_lens(captured: Capture, decode) -> Tables:
-    result = captured["logit_lens"]
-    mean = result["mean"]
-    per_layer = pd.DataFrame({"layer": range(captured.n_layers), "ce": mean[:, 0].tolist(),
-                              "top1_accuracy": mean[:, 1].tolist(), "kl_to_final": mean[:, 2].tolist()})
-    inputs = result["input_ids"].tolist()
+    result: LogitLensResult = captured["logit_lens"]
+    per_layer = pd.DataFrame({"layer": range(captured.n_layers), "ce": result.ce.tolist(),
+                              "top1_accuracy": result.top1_accuracy.tolist(), "kl_to_final": result.kl_to_final.tolist()})
+    grid = result.grid
+    inputs = grid.input_ids.tolist()
     rows = []
     for layer in range(captured.n_layers):
         for position in range(min(GRID_POSITIONS, len(inputs) - 1)):
-            token = result["top_token"][layer, position].item()
+            token = grid.top_token[layer, position].item()
             rows.append({"layer": layer, "position": position, "input_token": decode([inputs[position]]),
                          "next_token": decode([inputs[position + 1]]), "top_token": decode([token]),
-                         "top_prob": result["top_prob"][layer, position].item()})
+                         "top_prob": grid.top_prob[layer, position].item()})
     return {"logit_lens": per_layer, "lens_grid": pd.DataFrame(rows)}
 
 

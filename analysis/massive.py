@@ -28,7 +28,7 @@ from layerscope.probes.backends import Point
 from layerscope.probes.capture import Capture, ProbeSpec, capture
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
-from layerscope.probes.outlier_reducers import MassiveActivations, NextTokenLoss, ThresholdedMean, mean_loss
+from layerscope.probes.outlier_reducers import MassiveActivations, MassiveResult, NextTokenLoss, ThresholdedMean, mean_loss
 from layerscope.probes.zoo import LoadedModel
 
 INTERVENTIONS = ("zero", "mean", "both")
@@ -75,20 +75,21 @@ def massive_activations(capture: Capture, min_ratio: float = 1000.0, decode=None
     """One row per (layer, rank): the rank-th largest |x| over distinct (position, dim) pairs,
     its signed `value`, `window`, `position`, `dim` and `token`, the layer's `median_abs`,
     `ratio` = |x| / median, and `massive`."""
-    result = capture["massive"]
+    result: MassiveResult = capture["massive"]
+    top = result.top
     rows = []
     for layer in range(capture.n_layers):
-        median = result["median"][layer].item()
-        for rank in range(result["k"]):
-            abs_value = result["top_abs"][layer, rank].item()
+        median = result.median[layer].item()
+        for rank in range(result.k):
+            abs_value = top.abs[layer, rank].item()
             if abs_value < 0:
                 continue
-            window, pos, dim, token = result["top_where"][layer, rank].tolist()
+            window, pos, dim, token = top.at.at(layer, rank)
             rows.append({
-                "layer": layer, "rank": rank + 1, "value": result["top_value"][layer, rank].item(),
+                "layer": layer, "rank": rank + 1, "value": top.value[layer, rank].item(),
                 "abs_value": abs_value, "window": window, "position": pos, "dim": dim, "token_id": token,
                 "token": _token(decode, token), "median_abs": median, "ratio": abs_value / median,
-                "massive": _is_massive(abs_value, median, result["min_value"], min_ratio),
+                "massive": _is_massive(abs_value, median, result.min_value, min_ratio),
             })
     return pd.DataFrame(rows)
 
@@ -98,15 +99,15 @@ def massive_dims(capture: Capture, min_ratio: float = 1000.0, decode=None) -> pd
     """One row per (layer, dim) whose largest |x| exceeds `min_value`: that `max_abs` with its
     window, position and token, the layer's median, the ratio, the number of tokens above
     `min_value` at position 0 (`over_first`) and elsewhere (`over_rest`), and `massive`."""
-    result = capture["massive"]
-    min_value = result["min_value"]
-    layers, dims = torch.nonzero(result["dim_max"] > min_value, as_tuple=True)
+    result: MassiveResult = capture["massive"]
+    min_value = result.min_value
+    layers, dims = torch.nonzero(result.dim_max.abs > min_value, as_tuple=True)
     rows = []
     for layer, dim in zip(layers.tolist(), dims.tolist()):
-        max_abs = result["dim_max"][layer, dim].item()
-        median = result["median"][layer].item()
-        window, pos, token = result["dim_where"][layer, dim].tolist()
-        first, rest = result["over"][layer, dim].tolist()
+        max_abs = result.dim_max.abs[layer, dim].item()
+        median = result.median[layer].item()
+        window, pos, _, token = result.dim_max.at.at(layer, dim)
+        first, rest = result.over_first[layer, dim].item(), result.over_rest[layer, dim].item()
         rows.append({
             "layer": layer, "dim": dim, "max_abs": max_abs, "window": window, "position": pos, "token_id": token,
             "token": _token(decode, token), "median_abs": median, "ratio": max_abs / median,
@@ -159,8 +160,8 @@ def massive_intervention(loaded: LoadedModel, windows: TokenWindows, dims: pd.Da
     layer, chosen, threshold = intervention_target(dims, options.min_value, options.min_ratio)
     spec = ProbeSpec((ThresholdedMean(Point("resid_post", layer), tuple(chosen), threshold), NextTokenLoss()))
     clean = capture(loaded, windows, spec, backend="hooks", progress=progress)
-    means, entries = clean["thresholded_mean"]["mean"], int(clean["thresholded_mean"]["count"].sum())
-    clean_loss = clean["loss"]["loss"]
+    means, entries = clean["thresholded_mean"].mean, int(clean["thresholded_mean"].count.sum())
+    clean_loss = clean["loss"].loss
     base = {"layer": layer, "dims": ",".join(map(str, chosen)), "threshold": threshold, "entries": entries}
     rows = [{"intervention": "none", **base, "values": "", "loss": clean_loss, "delta_loss": 0.0}]
     modes = ["zero", "mean"] if options.intervene == "both" else [options.intervene]

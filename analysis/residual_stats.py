@@ -13,7 +13,7 @@ import torch
 
 from layerscope.analysis.metric import Metric, NoOptions, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
-from layerscope.probes.reducers import FIRST, REST, ResidualMoments, moment_summary
+from layerscope.probes.reducers import MomentsResult, ResidualMoments
 from layerscope.probes.zoo import LoadedModel
 
 PROBE = ProbeSpec(reducers=(ResidualMoments(kinds=("resid_pre", "resid_mid", "resid_post")),))
@@ -24,23 +24,23 @@ def residual_stats(capture: Capture, decode=None) -> pd.DataFrame:
     """One row per (point, layer): `mean_norm`, `std`, `variance` (non-first positions),
     `mean_norm_first` and `std_first` (position 0), and `max_abs` with `max_window`,
     `max_position`, `max_dim` and `max_token` (text when `decode` is given)."""
-    result = capture["moments"]
-    kinds = result["kinds"]
-    rest = moment_summary(result["moments"], REST)
-    first = moment_summary(result["moments"], FIRST)
+    result: MomentsResult = capture["moments"]
     rows = []
-    for k, kind in enumerate(kinds):
+    for kind, stats in result.kinds.items():
+        rest, first = stats.rest, stats.first
+        mean_norm, std, variance = rest.mean_norm, rest.std, rest.variance
+        mean_norm_first, std_first = first.mean_norm, first.std
         for layer in range(capture.n_layers):
-            window, pos, dim, token = result["max_where"][k, layer].tolist()
+            window, pos, dim, token = stats.max_at.at(layer)
             rows.append({
                 "point": kind,
                 "layer": layer,
-                "mean_norm": rest["mean_norm"][k, layer].item(),
-                "std": rest["std"][k, layer].item(),
-                "variance": rest["variance"][k, layer].item(),
-                "mean_norm_first": first["mean_norm"][k, layer].item(),
-                "std_first": first["std"][k, layer].item(),
-                "max_abs": result["max_abs"][k, layer].item(),
+                "mean_norm": mean_norm[layer].item(),
+                "std": std[layer].item(),
+                "variance": variance[layer].item(),
+                "mean_norm_first": mean_norm_first[layer].item(),
+                "std_first": std_first[layer].item(),
+                "max_abs": stats.max_abs[layer].item(),
                 "max_window": window,
                 "max_position": pos,
                 "max_dim": dim,

@@ -40,7 +40,7 @@ from layerscope.analysis.metric import Metric, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
-from layerscope.probes.outlier_reducers import AttentionSinks, ResidualSinks
+from layerscope.probes.outlier_reducers import AttentionSinks, AttentionSinksResult, ResidualSinks, ResidualSinksResult
 from layerscope.probes.weight_edits import reading_norm_weights
 from layerscope.probes.zoo import LoadedModel
 
@@ -87,18 +87,18 @@ def sink_heads(capture: Capture, n_kv_heads: int) -> pd.DataFrame:
     """One row per (layer, head): `kv_head`, `alpha_0`, `sink_fraction` (windows where
     alpha_0 > eps), `sinking` (corpus-mean alpha_0 > eps), `entropy`, and the value norms
     of the head's KV head at position 0 and elsewhere with their ratio."""
-    result = capture["attention_sinks"]
-    n_layers, n_heads = result["sink_fraction"].shape
+    result: AttentionSinksResult = capture["attention_sinks"]
+    n_layers, n_heads = result.sink_fraction.shape
     kv = kv_head_of(n_heads, n_kv_heads)
     rows = []
     for layer in range(n_layers):
         for head in range(n_heads):
-            first = result["value_norm_first"][layer, kv[head]].item()
-            rest = result["value_norm_rest"][layer, kv[head]].item()
-            alpha_0 = result["alpha"][layer, head, 0].item()
+            first = result.value_norm_first[layer, kv[head]].item()
+            rest = result.value_norm_rest[layer, kv[head]].item()
+            alpha_0 = result.alpha[layer, head, 0].item()
             rows.append({"layer": layer, "head": head, "kv_head": kv[head], "alpha_0": alpha_0,
-                         "sink_fraction": result["sink_fraction"][layer, head].item(),
-                         "sinking": alpha_0 > result["eps"], "entropy": result["entropy"][layer, head].item(),
+                         "sink_fraction": result.sink_fraction[layer, head].item(),
+                         "sinking": alpha_0 > result.eps, "entropy": result.entropy[layer, head].item(),
                          "value_norm_first": first, "value_norm_rest": rest,
                          "value_norm_ratio": first / rest if rest else float("nan")})
     return pd.DataFrame(rows)
@@ -107,7 +107,7 @@ def sink_heads(capture: Capture, n_kv_heads: int) -> pd.DataFrame:
 @torch.no_grad()
 def sink_alpha(capture: Capture, keys: int = 4) -> pd.DataFrame:
     """One row per (layer, head, key) for the first `keys` keys: `alpha` = alpha_k of Gu et al."""
-    alpha = capture["attention_sinks"]["alpha"][..., :keys]
+    alpha = capture["attention_sinks"].alpha[..., :keys]
     layers, heads, key = np.meshgrid(*(np.arange(n) for n in alpha.shape), indexing="ij")
     return pd.DataFrame({"layer": layers.ravel(), "head": heads.ravel(), "key": key.ravel(),
                          "alpha": alpha.numpy().ravel()})
@@ -130,25 +130,25 @@ def residual_sinks(capture: Capture, norm_weights: list[tuple[str, torch.Tensor 
     """One row per (layer, rank) for the `top_dims` dims most often a token's argmax |h|:
     `argmax_share`, the layer's `mean_max_share` (mean_t max_d|h_td| / ||h_t||), and the
     reading norm's weight at that dim against the norm's median |weight|."""
-    result = capture["residual_sinks"]
-    counts = result["argmax_counts"]
+    result: ResidualSinksResult = capture["residual_sinks"]
+    counts = result.argmax_counts
     rows = []
     for layer in range(counts.shape[0]):
         path, weight = norm_weights[layer]
         median = weight.abs().median().item() if weight is not None else float("nan")
-        shares, dims = (counts[layer].double() / max(result["tokens"], 1)).topk(top_dims)
+        shares, dims = (counts[layer].double() / max(result.tokens, 1)).topk(top_dims)
         for rank, (share, dim) in enumerate(zip(shares.tolist(), dims.tolist()), start=1):
             w = weight[dim].item() if weight is not None else float("nan")
             rows.append({"layer": layer, "rank": rank, "dim": dim, "argmax_share": share,
-                         "mean_max_share": result["mean_share"][layer].item(), "norm": path, "norm_weight": w,
+                         "mean_max_share": result.mean_share[layer].item(), "norm": path, "norm_weight": w,
                          "norm_median_weight": median, "weight_ratio": abs(w) / median if median else float("nan")})
     return pd.DataFrame(rows)
 
 
 def tables(captured: Capture, loaded: LoadedModel, options: SinkOptions) -> Tables:
-    result = captured["attention_sinks"]
+    result: AttentionSinksResult = captured["attention_sinks"]
     heads = sink_heads(captured, loaded.n_kv_heads)
-    return {"sink_summary": sink_summary(heads, options.eps, result["windows"], result["length"], loaded.adapter.causal),
+    return {"sink_summary": sink_summary(heads, options.eps, result.windows, result.length, loaded.adapter.causal),
             "sink_heads": heads, "sink_alpha": sink_alpha(captured, options.keys),
             "residual_sinks": residual_sinks(captured, reading_norm_weights(loaded), options.top_dims)}
 

@@ -22,7 +22,7 @@ from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.outlier_reducers import mean_loss
-from layerscope.probes.reducers import ResidualMoments
+from layerscope.probes.reducers import MomentsResult, ResidualMoments
 from layerscope.probes.weight_edits import down_proj_matrix, zeroed_down_proj_weights
 from layerscope.probes.zoo import LoadedModel
 
@@ -47,17 +47,17 @@ def super_weight_scan(capture: Capture, down_proj: list[Float[torch.Tensor, "d_m
     """One row per block: `max_in` (largest |mlp_act|) with its `in_dim` and position, `max_out`
     (largest |mlp_out|) with its `out_dim`, position and token, and the down-projection weight
     at (out_dim, in_dim) with its |w| over the matrix's median |w|."""
-    result = capture["mlp_extremes"]
-    act, out = (result["kinds"].index(k) for k in KINDS)
+    result: MomentsResult = capture["mlp_extremes"]
+    act, out = (result[kind] for kind in KINDS)
     rows = []
     for layer in range(capture.n_layers):
-        _, in_pos, in_dim, _ = result["max_where"][act, layer].tolist()
-        window, out_pos, out_dim, token = result["max_where"][out, layer].tolist()
+        _, in_pos, in_dim, _ = act.max_at.at(layer)
+        window, out_pos, out_dim, token = out.max_at.at(layer)
         matrix = down_proj[layer]
         weight = matrix[out_dim, in_dim].item()
         rows.append({
-            "layer": layer, "max_in": result["max_abs"][act, layer].item(), "in_dim": in_dim, "in_position": in_pos,
-            "max_out": result["max_abs"][out, layer].item(), "out_dim": out_dim, "out_window": window,
+            "layer": layer, "max_in": act.max_abs[layer].item(), "in_dim": in_dim, "in_position": in_pos,
+            "max_out": out.max_abs[layer].item(), "out_dim": out_dim, "out_window": window,
             "out_position": out_pos, "token": decode([token]) if decode else token, "weight": weight,
             "weight_ratio": abs(weight) / matrix.abs().median().item(),
             "weight_rank": int((matrix.abs() > abs(weight)).sum().item()) + 1,

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from layerscope.analysis.metric import Metric, Tables
 from layerscope.analysis.residual_stats import residual_stats
 from layerscope.probes.capture import Capture, ProbeSpec
-from layerscope.probes.reducers import ResidualMoments, SublayerRatios
+from layerscope.probes.reducers import ResidualMoments, SublayerRatioMeans, SublayerRatios
 from layerscope.probes.zoo import LoadedModel
 
 PROBE = ProbeSpec(reducers=(ResidualMoments(kinds=("resid_pre", "resid_mid", "resid_post")), SublayerRatios()))
@@ -43,9 +43,9 @@ def growth_fit(layers: np.ndarray, values: np.ndarray) -> tuple[float, float]:
 
 def variance_tables(captured: Capture, loaded: LoadedModel | None = None, options: VarianceOptions | None = None) -> Tables:
     stats = residual_stats(captured)[["point", "layer", "mean_norm", "std", "variance", "mean_norm_first", "std_first"]]
-    ratios = captured["sublayer_ratios"]["mean"]
-    sublayer = pd.DataFrame({"layer": range(captured.n_layers), "attn_ratio": ratios[:, 0].tolist(),
-                             "mlp_ratio": ratios[:, 1].tolist()})
+    ratios: SublayerRatioMeans = captured["sublayer_ratios"]
+    sublayer = pd.DataFrame({"layer": range(captured.n_layers), "attn_ratio": ratios.attn.tolist(),
+                             "mlp_ratio": ratios.mlp.tolist()})
     post = stats[stats["point"] == "resid_post"]
     fits = []
     for quantity in FITTED:

@@ -15,22 +15,79 @@ term and the direct effect differ; the reducer measures both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from layerscope.probes.backends import Activations, Point
-from layerscope.probes.capture import Batch
+from layerscope.probes.capture import Batch, PortableState, require_same
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
 from layerscope.probes.norms import applied_scale, is_real_norm, norm_forward, norm_kind
 from layerscope.probes.zoo import LoadedModel
 
-# Per-component sums over scored tokens.
-COMPONENT_FIELDS = ("dla", "abs_dla", "direct_effect", "abs_dla_minus_direct")
-# Per-model sums over scored tokens (and two maxima).
-CHECK_FIELDS = ("tokens", "logit", "dla_sum", "abs_gap", "max_abs_gap", "abs_direct_sum_gap", "max_residual_gap")
+
+
+@dataclass(frozen=True)
+class ComponentSums:
+    """Per component (embedding, each attention and MLP output, then the constant), sums
+    over scored tokens of its attribution (`dla`), its |attribution|, its direct effect, and
+    |attribution - direct effect|."""
+
+    dla: Float[torch.Tensor, "component"]
+    abs_dla: Float[torch.Tensor, "component"]
+    direct_effect: Float[torch.Tensor, "component"]
+    abs_dla_minus_direct: Float[torch.Tensor, "component"]
+
+
+@dataclass(frozen=True)
+class DLACheck:
+    """Sums over scored tokens that check the attribution: the model's `logit`, the sum of
+    terms (`dla_sum`), |sum of terms - logit| (`abs_gap`, and its maximum `max_abs_gap`),
+    |sum of direct effects - logit| (`abs_direct_sum_gap`), and the largest |sum of
+    components - final residual| (`max_residual_gap`)."""
+
+    tokens: float
+    logit: float
+    dla_sum: float
+    abs_gap: float
+    max_abs_gap: float
+    abs_direct_sum_gap: float
+    max_residual_gap: float
+
+
+@dataclass(frozen=True)
+class DLAExample:
+    """The corpus's first window, per position: its tokens, the attributed target, whether
+    the position is scored, each component's term and the model's logit."""
+
+    input_ids: Int[torch.Tensor, "pos"]
+    target: Int[torch.Tensor, "pos"]
+    valid: Bool[torch.Tensor, "pos"]
+    terms: Float[torch.Tensor, "component pos"]
+    logit: Float[torch.Tensor, "pos"]
+
+
+@dataclass(frozen=True)
+class DLAResult:
+    """`DirectLogitAttribution`'s result: the `components` as (name, layer) in residual
+    order with their `sums`, the `check`, whether the model is `norm_free`, its final norm's
+    kind, the attributed `token`, and the first window (`example`, None when the corpus's
+    window 0 was not folded)."""
+
+    components: list[tuple[str, int | None]]
+    sums: ComponentSums
+    check: DLACheck
+    norm_free: bool
+    final_norm_kind: str
+    token: str
+    example: DLAExample | None
+
+# Sums over scored tokens, packed for one add per batch: per component (dla, abs_dla,
+# direct_effect, abs_dla_minus_direct) and per model (DLACheck's fields in order).
+_N_COMPONENT_FIELDS = 4
+_CHECK_MAXIMA = (4, 6)  # max_abs_gap and max_residual_gap are maxima, not sums
 
 
 @dataclass(frozen=True)
@@ -81,7 +138,9 @@ def component_names(n_layers: int) -> list[tuple[str, int | None]]:
     return [("embed", None), *((kind, l) for l in range(n_layers) for kind in ("attn", "mlp")), ("bias", None)]
 
 
-class _DLAState:
+class _DLAState(PortableState):
+    model_bound = ("norm", "w_u", "b_u")
+
     def __init__(self, loaded: LoadedModel, token: int | str):
         model, adapter = loaded.model, loaded.adapter
         self.n_layers = loaded.n_layers
@@ -94,9 +153,9 @@ class _DLAState:
         self.b_u = unembed.bias.detach() if getattr(unembed, "bias", None) is not None else None
         self.norm_free = not any(is_real_norm(m) for m in model.modules())
         n = len(component_names(self.n_layers))
-        self.components = torch.zeros(n, len(COMPONENT_FIELDS), dtype=torch.float64)
-        self.check = torch.zeros(len(CHECK_FIELDS), dtype=torch.float64)
-        self.example: dict[str, torch.Tensor] | None = None
+        self.components = torch.zeros(n, _N_COMPONENT_FIELDS, dtype=torch.float64)
+        self.check = torch.zeros(len(fields(DLACheck)), dtype=torch.float64)
+        self.example: DLAExample | None = None
 
     def targets(self, batch: Batch) -> tuple[Int[torch.Tensor, "batch pos"], torch.Tensor]:
         ids = batch.input_ids
@@ -136,15 +195,27 @@ class _DLAState:
             ((effects.sum(0) - model_logit).abs() * m).sum(), torch.zeros(())])
         self.check[4] = max(self.check[4].item(), scored_gap.max().item() if scored_gap.numel() else 0.0)
         self.check[6] = max(self.check[6].item(), residual_gap.item())
-        if self.example is None:
-            self.example = {"input_ids": batch.input_ids[0].clone(), "target": target[0].clone(),
-                            "valid": valid[0].clone(), "terms": terms[:, 0].float().clone(),
-                            "logit": model_logit[0].float().clone()}
+        row = batch.first_row
+        if row is not None:
+            self.example = DLAExample(batch.input_ids[row].clone(), target[row].clone(), valid[row].clone(),
+                                      terms[:, row].float().clone(), model_logit[row].float().clone())
 
-    def result(self) -> dict:
-        return {"components": self.components, "component_names": component_names(self.n_layers),
-                "check": self.check, "norm_free": self.norm_free, "final_norm_kind": self.kind,
-                "token": str(self.token), "example": self.example}
+    def merge(self, other: "_DLAState") -> None:
+        require_same(self, other, "n_layers", "token", "norm_free", "kind")
+        maxima = list(_CHECK_MAXIMA)
+        self.components += other.components
+        summed = torch.ones(len(self.check), dtype=torch.bool)
+        summed[maxima] = False
+        self.check = torch.where(summed, self.check + other.check, torch.maximum(self.check, other.check))
+        if other.example is not None:
+            if self.example is not None:
+                raise ValueError("both DLA states hold the corpus's first window: their windows overlap")
+            self.example = other.example
+
+    def result(self) -> DLAResult:
+        return DLAResult(components=component_names(self.n_layers), sums=ComponentSums(*self.components.T.clone()),
+                         check=DLACheck(*self.check.tolist()), norm_free=self.norm_free,
+                         final_norm_kind=self.kind, token=str(self.token), example=self.example)
 
 
 def attribute(parts: list[Float[torch.Tensor, "batch pos d_model"]], h: Float[torch.Tensor, "batch pos d_model"],

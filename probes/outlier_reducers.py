@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 
 from layerscope.probes.backends import Activations, Point
-from layerscope.probes.capture import Batch, ProbeSpec, capture
+from layerscope.probes.capture import Batch, PortableState, ProbeSpec, capture, require_same
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
+from layerscope.probes.reducers import Location, beats
 from layerscope.probes.zoo import LoadedModel
 
 # Log histogram of |x|: 100 bins a decade from 1e-8 to 1e8; |x| below the range lands in
@@ -34,20 +35,20 @@ PROJECTION_SITES = ("attn_in", "mlp_in")
 
 # ---------------------------------------------------------------- log histograms
 
-def log_bins(x: torch.Tensor) -> Int[torch.Tensor, "..."]:
+def log_bins(x: Float[torch.Tensor, "*shape"]) -> Int[torch.Tensor, "*shape"]:
     """The log-histogram bin of each |x|."""
     index = ((x.abs().float().log10() - LOG_LOW) * BINS_PER_DECADE).floor()
     return index.clamp(0, N_LOG_BINS - 1).long()
 
 
-def log_histogram_quantile(counts: Int[torch.Tensor, "row bin"], q: float = 0.5) -> Float[torch.Tensor, "row"]:
-    """The q-quantile of |x| per row, as the geometric centre of the bin that holds it.
+def log_histogram_quantile(counts: Int[torch.Tensor, "*rows bin"], q: float = 0.5) -> Float[torch.Tensor, "*rows"]:
+    """The q-quantile of |x| per histogram, as the geometric centre of the bin that holds it.
 
     The true quantile lies in that bin, so the relative error is at most half a bin:
     10**(0.5/100) - 1, about 1.2%.
     """
     cumulative = counts.cumsum(-1)
-    target = (q * cumulative[:, -1:].double()).ceil().clamp_min(1).long()
+    target = (q * cumulative[..., -1:].double()).ceil().clamp_min(1).long()
     index = torch.searchsorted(cumulative, target).squeeze(-1)
     return 10.0 ** (LOG_LOW + (index.double() + 0.5) / BINS_PER_DECADE)
 
@@ -108,6 +109,14 @@ def value_vectors(loaded: LoadedModel) -> Callable:
 # ---------------------------------------------------------------- next-token loss
 
 @dataclass(frozen=True)
+class LossResult:
+    """`NextTokenLoss`' result: the mean next-token cross-entropy over `predictions` predictions."""
+
+    loss: float
+    predictions: int
+
+
+@dataclass(frozen=True)
 class NextTokenLoss:
     """Summed cross-entropy of every next-token prediction inside the windows."""
 
@@ -122,27 +131,70 @@ class NextTokenLoss:
         return _LossState()
 
 
-class _LossState:
+class _LossState(PortableState):
     def __init__(self):
-        self.sums = torch.zeros(2, dtype=torch.float64)  # summed CE, predictions
+        self.ce = torch.zeros((), dtype=torch.float64)
+        self.predictions = 0
 
     def update(self, acts: Activations, batch: Batch) -> None:
         logits = batch.logits[:, :-1]
         targets = batch.input_ids[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
-        self.sums += torch.tensor([ce.item(), targets.numel()], dtype=torch.float64)
+        self.ce += ce.item()
+        self.predictions += targets.numel()
 
-    def result(self) -> dict:
-        return {"loss": (self.sums[0] / self.sums[1]).item(), "predictions": int(self.sums[1])}
+    def merge(self, other: "_LossState") -> None:
+        self.ce += other.ce
+        self.predictions += other.predictions
+
+    def result(self) -> LossResult:
+        return LossResult(loss=(self.ce / self.predictions).item(), predictions=self.predictions)
 
 
 def mean_loss(loaded: LoadedModel, windows: TokenWindows, progress: bool = False) -> float:
     """Mean next-token cross-entropy over the windows, read through the hooks backend, which
     runs the HF module tree itself and so sees any intervention active on it."""
-    return capture(loaded, windows, ProbeSpec((NextTokenLoss(),)), backend="hooks", progress=progress)["loss"]["loss"]
+    return capture(loaded, windows, ProbeSpec((NextTokenLoss(),)), backend="hooks", progress=progress)["loss"].loss
 
 
 # ---------------------------------------------------------------- massive activations
+
+@dataclass(frozen=True)
+class TopActivations:
+    """Per layer, the top-k |x| over distinct (position, dim) pairs, largest first: `abs`
+    (-1 where fewer than k were seen), the signed `value`, and where each peaked."""
+
+    abs: Float[torch.Tensor, "layer rank"]
+    value: Float[torch.Tensor, "layer rank"]
+    at: Location
+
+
+@dataclass(frozen=True)
+class DimMax:
+    """Per layer and dim, the largest |x| and where it occurred (`at.dim` is the dim itself)."""
+
+    abs: Float[torch.Tensor, "layer d_model"]
+    at: Location
+
+
+@dataclass(frozen=True)
+class MassiveResult:
+    """`MassiveActivations`' result for the block outputs (`kind`) per layer: the `top` k,
+    the log `histogram` of |x| and the `median` |x| read from it, each dim's largest |x|
+    (`dim_max`), and per dim how many tokens exceed `min_value` at position 0
+    (`over_first`) and at the other positions (`over_rest`)."""
+
+    kind: str
+    k: int
+    min_value: float
+    tokens: int
+    top: TopActivations
+    histogram: Int[torch.Tensor, "layer bin"]
+    median: Float[torch.Tensor, "layer"]
+    dim_max: DimMax
+    over_first: Int[torch.Tensor, "layer d_model"]
+    over_rest: Int[torch.Tensor, "layer d_model"]
+
 
 @dataclass(frozen=True)
 class MassiveActivations:
@@ -163,15 +215,15 @@ class MassiveActivations:
         return _MassiveState(self.k, self.min_value, self.kind, loaded.n_layers, loaded.d_model)
 
 
-class _MassiveState:
+class _MassiveState(PortableState):
     def __init__(self, k: int, min_value: float, kind: str, n_layers: int, d_model: int):
         self.k, self.min_value, self.kind = k, min_value, kind
         self.top_abs = torch.full((n_layers, k), -1.0, dtype=torch.float64)
         self.top_value = torch.zeros(n_layers, k, dtype=torch.float64)
-        self.top_where = torch.zeros(n_layers, k, 4, dtype=torch.long)  # window, position, dim, token
+        self.top_at = torch.zeros(n_layers, k, 4, dtype=torch.long)  # window, position, dim, token
         self.histogram = torch.zeros(n_layers, N_LOG_BINS, dtype=torch.long)
         self.dim_max = torch.full((n_layers, d_model), -1.0, dtype=torch.float64)
-        self.dim_where = torch.zeros(n_layers, d_model, 3, dtype=torch.long)  # window, position, token
+        self.dim_at = torch.zeros(n_layers, d_model, 3, dtype=torch.long)  # window, position, token
         self.over = torch.zeros(n_layers, d_model, 2, dtype=torch.long)  # position 0, other positions
         self.tokens = 0
 
@@ -188,28 +240,39 @@ class _MassiveState:
 
     def _fold_dim_max(self, layer: int, absx: torch.Tensor, batch: Batch) -> None:
         t = absx.shape[1]
+        # The first of equal maxima over (window, position): the lowest window.
         value, flat = absx.flatten(0, 1).max(0)
-        better = value.double() > self.dim_max[layer]
-        window, pos = flat // t, flat % t
-        where = torch.stack([window + batch.offset, pos, batch.input_ids[window, pos]], dim=-1)
-        self.dim_max[layer] = torch.where(better, value.double(), self.dim_max[layer])
-        self.dim_where[layer] = torch.where(better[:, None], where, self.dim_where[layer])
+        row, pos = flat // t, flat % t
+        at = torch.stack([batch.windows[row], pos, batch.input_ids[row, pos]], dim=-1)
+        self._keep_dim_max(layer, value.double(), at)
+
+    def _keep_dim_max(self, layer, value: torch.Tensor, at: torch.Tensor) -> None:
+        better = beats(value, at[..., 0], self.dim_max[layer], self.dim_at[layer, ..., 0])
+        self.dim_max[layer] = torch.where(better, value, self.dim_max[layer])
+        self.dim_at[layer] = torch.where(better[..., None], at, self.dim_at[layer])
 
     def _fold_top(self, layer: int, x: torch.Tensor, absx: torch.Tensor, batch: Batch) -> None:
         # The largest |x| of each (position, dim) over the batch's windows first: a pair
         # in the global top-k is then in the top-k of the batch where it peaks.
-        per_pair, window = absx.max(0)
+        per_pair, row = absx.max(0)
         d = absx.shape[-1]
         value, flat = per_pair.flatten().topk(min(self.k, per_pair.numel()))
         pos, dim = flat // d, flat % d
-        win = window[pos, dim]
-        where = torch.stack([win + batch.offset, pos, dim, batch.input_ids[win, pos]], dim=-1)
-        candidates_abs = torch.cat([self.top_abs[layer], value.double()])
-        candidates_value = torch.cat([self.top_value[layer], x[win, pos, dim].double()])
-        candidates_where = torch.cat([self.top_where[layer], where])
+        win = row[pos, dim]
+        at = torch.stack([batch.windows[win], pos, dim, batch.input_ids[win, pos]], dim=-1)
+        self._keep_top(layer, value.double(), x[win, pos, dim].double(), at)
+
+    def _keep_top(self, layer: int, cand_abs: torch.Tensor, cand_value: torch.Tensor, cand_at: torch.Tensor) -> None:
+        """Merge candidates into a layer's top-k: the k largest over distinct (position, dim),
+        each pair with its largest |x|, the lower window first where equal."""
+        candidates_abs = torch.cat([self.top_abs[layer], cand_abs])
+        candidates_value = torch.cat([self.top_value[layer], cand_value])
+        candidates_at = torch.cat([self.top_at[layer], cand_at])
+        by_window = candidates_at[:, 0].argsort(stable=True)
+        order = by_window[candidates_abs[by_window].argsort(descending=True, stable=True)]
         kept, seen = [], set()
-        for i in candidates_abs.argsort(descending=True).tolist():
-            key = tuple(candidates_where[i, 1:3].tolist())
+        for i in order.tolist():
+            key = tuple(candidates_at[i, 1:3].tolist())
             if candidates_abs[i] < 0 or key in seen:
                 continue
             seen.add(key)
@@ -219,13 +282,36 @@ class _MassiveState:
         n = len(kept)
         self.top_abs[layer, :n] = candidates_abs[kept]
         self.top_value[layer, :n] = candidates_value[kept]
-        self.top_where[layer, :n] = candidates_where[kept]
+        self.top_at[layer, :n] = candidates_at[kept]
 
-    def result(self) -> dict:
-        return {"kind": self.kind, "k": self.k, "min_value": self.min_value, "tokens": self.tokens,
-                "top_abs": self.top_abs, "top_value": self.top_value, "top_where": self.top_where,
-                "median": log_histogram_quantile(self.histogram), "dim_max": self.dim_max,
-                "dim_where": self.dim_where, "over": self.over}
+    def merge(self, other: "_MassiveState") -> None:
+        require_same(self, other, "k", "min_value", "kind")
+        self.tokens += other.tokens
+        self.histogram += other.histogram
+        self.over += other.over
+        for layer in range(self.top_abs.shape[0]):
+            self._keep_dim_max(layer, other.dim_max[layer], other.dim_at[layer])
+            self._keep_top(layer, other.top_abs[layer], other.top_value[layer], other.top_at[layer])
+
+    def result(self) -> MassiveResult:
+        dims = torch.arange(self.dim_max.shape[1]).expand_as(self.dim_max)
+        window, position, token = self.dim_at.clone().unbind(-1)
+        return MassiveResult(
+            kind=self.kind, k=self.k, min_value=self.min_value, tokens=self.tokens,
+            top=TopActivations(self.top_abs.clone(), self.top_value.clone(), Location(*self.top_at.clone().unbind(-1))),
+            histogram=self.histogram.clone(), median=log_histogram_quantile(self.histogram),
+            dim_max=DimMax(self.dim_max.clone(), Location(window, position, dims, token)),
+            over_first=self.over[..., 0].clone(), over_rest=self.over[..., 1].clone())
+
+
+@dataclass(frozen=True)
+class ThresholdedMeanResult:
+    """`ThresholdedMean`'s result: per chosen dim, the mean of the values at or over the
+    threshold and how many there were."""
+
+    dims: list[int]
+    mean: Float[torch.Tensor, "dim"]
+    count: Int[torch.Tensor, "dim"]
 
 
 @dataclass(frozen=True)
@@ -244,7 +330,7 @@ class ThresholdedMean:
         return _ThresholdedMeanState(self.point, list(self.dims), self.threshold)
 
 
-class _ThresholdedMeanState:
+class _ThresholdedMeanState(PortableState):
     def __init__(self, point: Point, dims: list[int], threshold: float):
         self.point, self.dims, self.threshold = point, dims, threshold
         self.sums = torch.zeros(len(dims), dtype=torch.float64)
@@ -256,11 +342,39 @@ class _ThresholdedMeanState:
         self.sums += torch.where(hit, x, 0).double().sum((0, 1))
         self.counts += hit.sum((0, 1))
 
-    def result(self) -> dict:
-        return {"dims": self.dims, "mean": self.sums / self.counts.clamp_min(1), "count": self.counts}
+    def merge(self, other: "_ThresholdedMeanState") -> None:
+        require_same(self, other, "point", "dims", "threshold")
+        self.sums += other.sums
+        self.counts += other.counts
+
+    def result(self) -> ThresholdedMeanResult:
+        return ThresholdedMeanResult(dims=list(self.dims), mean=self.sums / self.counts.clamp_min(1),
+                                     count=self.counts.clone())
 
 
 # ---------------------------------------------------------------- LLM.int8 outlier features
+
+@dataclass(frozen=True)
+class OutlierCounts:
+    """At one projection input, per layer and dim: how many tokens reach the threshold, and the largest |x|."""
+
+    counts: Int[torch.Tensor, "layer d_model"]
+    max_abs: Float[torch.Tensor, "layer d_model"]
+
+
+@dataclass(frozen=True)
+class ProjectionOutliersResult:
+    """`ProjectionOutliers`' result: the counts at the attention projections' input
+    (`attn_in`) and the MLP up-projection's (`mlp_in`), over `tokens` tokens."""
+
+    threshold: float
+    tokens: int
+    attn_in: OutlierCounts
+    mlp_in: OutlierCounts
+
+    def by_site(self) -> dict[str, OutlierCounts]:
+        return {site: getattr(self, site) for site in PROJECTION_SITES}
+
 
 @dataclass(frozen=True)
 class ProjectionOutliers:
@@ -279,9 +393,12 @@ class ProjectionOutliers:
         return _ProjectionOutlierState(self.threshold, (attn_in, mlp_in), loaded.n_layers, loaded.d_model)
 
 
-class _ProjectionOutlierState:
+class _ProjectionOutlierState(PortableState):
+    model_bound = ("inputs",)
+
     def __init__(self, threshold: float, inputs: tuple[Callable, ...], n_layers: int, d_model: int):
         self.threshold, self.inputs, self.n_layers = threshold, inputs, n_layers
+        # [layer site dim], sites in PROJECTION_SITES order
         self.counts = torch.zeros(n_layers, len(PROJECTION_SITES), d_model, dtype=torch.long)
         self.max_abs = torch.zeros(n_layers, len(PROJECTION_SITES), d_model, dtype=torch.float64)
         self.tokens = 0
@@ -294,9 +411,16 @@ class _ProjectionOutlierState:
                 self.counts[layer, site] += (absx >= self.threshold).sum(0)
                 self.max_abs[layer, site] = torch.maximum(self.max_abs[layer, site], absx.max(0).values.double())
 
-    def result(self) -> dict:
-        return {"sites": list(PROJECTION_SITES), "threshold": self.threshold, "tokens": self.tokens,
-                "counts": self.counts, "max_abs": self.max_abs}
+    def merge(self, other: "_ProjectionOutlierState") -> None:
+        require_same(self, other, "threshold", "n_layers")
+        self.counts += other.counts
+        self.max_abs = torch.maximum(self.max_abs, other.max_abs)
+        self.tokens += other.tokens
+
+    def result(self) -> ProjectionOutliersResult:
+        sites = [OutlierCounts(self.counts[:, s].clone(), self.max_abs[:, s].clone())
+                 for s in range(len(PROJECTION_SITES))]
+        return ProjectionOutliersResult(self.threshold, self.tokens, *sites)
 
 
 # ---------------------------------------------------------------- kurtosis
@@ -311,6 +435,29 @@ def token_excess_kurtosis(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[
     m2 = centred.square().mean(-1)
     m4 = centred.pow(4).mean(-1)
     return (m4 / m2.square().clamp_min(torch.finfo(torch.float64).tiny) - 3).clamp_min(0)
+
+
+@dataclass(frozen=True)
+class KurtosisSums:
+    """At one site, per layer: the summed per-token excess kurtosis and the token count, at
+    position 0 and at the other positions."""
+
+    sum_first: Float[torch.Tensor, "layer"]
+    sum_rest: Float[torch.Tensor, "layer"]
+    tokens_first: Int[torch.Tensor, "layer"]
+    tokens_rest: Int[torch.Tensor, "layer"]
+
+
+@dataclass(frozen=True)
+class KurtosisResult:
+    """`TokenKurtosis`' result at the block output and the two projection inputs."""
+
+    resid_post: KurtosisSums
+    attn_in: KurtosisSums
+    mlp_in: KurtosisSums
+
+    def by_site(self) -> dict[str, KurtosisSums]:
+        return {site: getattr(self, site) for site in KURTOSIS_SITES}
 
 
 @dataclass(frozen=True)
@@ -329,9 +476,12 @@ class TokenKurtosis:
         return _KurtosisState((lambda acts, layer: acts[Point("resid_post", layer)], attn_in, mlp_in), loaded.n_layers)
 
 
-class _KurtosisState:
+class _KurtosisState(PortableState):
+    model_bound = ("sites",)
+
     def __init__(self, sites: tuple[Callable, ...], n_layers: int):
         self.sites, self.n_layers = sites, n_layers
+        # [site layer slot], sites in KURTOSIS_SITES order; slot 0 is position 0
         self.sums = torch.zeros(len(KURTOSIS_SITES), n_layers, 2, dtype=torch.float64)
         self.counts = torch.zeros(len(KURTOSIS_SITES), n_layers, 2, dtype=torch.long)
 
@@ -342,8 +492,15 @@ class _KurtosisState:
                 self.sums[site, layer] += torch.stack([kurt[:, 0].sum(), kurt[:, 1:].sum()])
                 self.counts[site, layer] += torch.tensor([kurt[:, 0].numel(), kurt[:, 1:].numel()])
 
-    def result(self) -> dict:
-        return {"sites": list(KURTOSIS_SITES), "sums": self.sums, "counts": self.counts}
+    def merge(self, other: "_KurtosisState") -> None:
+        require_same(self, other, "n_layers")
+        self.sums += other.sums
+        self.counts += other.counts
+
+    def result(self) -> KurtosisResult:
+        return KurtosisResult(*(KurtosisSums(self.sums[s, :, 0].clone(), self.sums[s, :, 1].clone(),
+                                             self.counts[s, :, 0].clone(), self.counts[s, :, 1].clone())
+                                for s in range(len(KURTOSIS_SITES))))
 
 
 # ---------------------------------------------------------------- attention sinks
@@ -351,6 +508,23 @@ class _KurtosisState:
 def attention_entropy(pattern: Float[torch.Tensor, "batch head pos pos"]) -> Float[torch.Tensor, "batch head pos"]:
     """-sum_k A[t,k] log A[t,k] of each query's attention distribution, in nats."""
     return -torch.special.xlogy(pattern.double(), pattern.double()).sum(-1)
+
+
+@dataclass(frozen=True)
+class AttentionSinksResult:
+    """`AttentionSinks`' result over `windows` windows of `length` tokens, per layer and head:
+    `alpha` (alpha_k of Gu et al. for every key position k), `sink_fraction` (the fraction
+    of windows whose alpha_0 exceeds `eps`), the mean `entropy` of queries t >= 1; and per
+    KV head the mean value norm at position 0 (`value_norm_first`) and at the others."""
+
+    eps: float
+    windows: int
+    length: int
+    alpha: Float[torch.Tensor, "layer head pos"]
+    sink_fraction: Float[torch.Tensor, "layer head"]
+    entropy: Float[torch.Tensor, "layer head"]
+    value_norm_first: Float[torch.Tensor, "layer kv_head"]
+    value_norm_rest: Float[torch.Tensor, "layer kv_head"]
 
 
 @dataclass(frozen=True)
@@ -376,7 +550,9 @@ class AttentionSinks:
                           loaded.n_layers, loaded.n_heads, loaded.n_kv_heads, loaded.adapter.causal)
 
 
-class _SinkState:
+class _SinkState(PortableState):
+    model_bound = ("values",)
+
     def __init__(self, eps: float, values: Callable, n_layers: int, n_heads: int, n_kv: int, causal: bool):
         self.eps, self.values, self.causal = eps, values, causal
         self.n_layers, self.n_heads = n_layers, n_heads
@@ -389,11 +565,10 @@ class _SinkState:
 
     def update(self, acts: Activations, batch: Batch) -> None:
         b, t = batch.input_ids.shape
+        self._check_length(t)
         if self.key_mass is None:
             self.key_mass = torch.zeros(self.n_layers, self.n_heads, t, dtype=torch.float64)
             self.length = t
-        elif t != self.length:
-            raise UserError(f"attention sinks need windows of one length; got {self.length} and {t}")
         self.windows += b
         seeing = self._queries_seeing(t)
         for layer in range(self.n_layers):
@@ -406,21 +581,50 @@ class _SinkState:
             self.value_norms[layer, :, 0] += norms[:, 0].sum(0)
             self.value_norms[layer, :, 1] += norms[:, 1:].sum((0, 1))
 
+    def _check_length(self, t: int) -> None:
+        if self.key_mass is not None and t != self.length:
+            raise UserError(f"attention sinks need windows of one length; got {self.length} and {t}")
+
     def _queries_seeing(self, t: int) -> torch.Tensor:
         """How many queries can attend to each key: t - k under a causal mask, else t."""
         return (t - torch.arange(t)).double() if self.causal else torch.full((t,), float(t), dtype=torch.float64)
 
-    def result(self) -> dict:
+    def merge(self, other: "_SinkState") -> None:
+        require_same(self, other, "eps", "causal", "n_layers", "n_heads")
+        if other.key_mass is None:
+            return
+        self._check_length(other.length)
+        if self.key_mass is None:
+            self.key_mass, self.length = other.key_mass.clone(), other.length
+        else:
+            self.key_mass += other.key_mass
+        self.sink_windows += other.sink_windows
+        self.entropy += other.entropy
+        self.value_norms += other.value_norms
+        self.windows += other.windows
+
+    def result(self) -> AttentionSinksResult:
         t = self.length
         alpha = self.key_mass / (self.windows * self._queries_seeing(t)).clamp_min(1)
-        return {"eps": self.eps, "windows": self.windows, "length": t, "alpha": alpha,
-                "sink_fraction": self.sink_windows / max(self.windows, 1),
-                "entropy": self.entropy / max(self.windows * (t - 1), 1),
-                "value_norm_first": self.value_norms[..., 0] / max(self.windows, 1),
-                "value_norm_rest": self.value_norms[..., 1] / max(self.windows * (t - 1), 1)}
+        return AttentionSinksResult(
+            eps=self.eps, windows=self.windows, length=t, alpha=alpha,
+            sink_fraction=self.sink_windows / max(self.windows, 1),
+            entropy=self.entropy / max(self.windows * (t - 1), 1),
+            value_norm_first=self.value_norms[..., 0] / max(self.windows, 1),
+            value_norm_rest=self.value_norms[..., 1] / max(self.windows * (t - 1), 1))
 
 
 # ---------------------------------------------------------------- residual sinks
+
+@dataclass(frozen=True)
+class ResidualSinksResult:
+    """`ResidualSinks`' result per layer: how many of `tokens` tokens have each dim as their
+    argmax |h| (`argmax_counts`), and the token mean of max_d |h_td| / ||h_t|| (`mean_share`)."""
+
+    tokens: int
+    argmax_counts: Int[torch.Tensor, "layer d_model"]
+    mean_share: Float[torch.Tensor, "layer"]
+
 
 @dataclass(frozen=True)
 class ResidualSinks:
@@ -437,7 +641,7 @@ class ResidualSinks:
         return _ResidualSinkState(loaded.n_layers, loaded.d_model)
 
 
-class _ResidualSinkState:
+class _ResidualSinkState(PortableState):
     def __init__(self, n_layers: int, d_model: int):
         self.argmax_counts = torch.zeros(n_layers, d_model, dtype=torch.long)
         self.share_sum = torch.zeros(n_layers, dtype=torch.float64)
@@ -450,6 +654,13 @@ class _ResidualSinkState:
             self.argmax_counts[point.layer] += torch.bincount(dim.flatten(), minlength=h.shape[-1])
             self.share_sum[point.layer] += (top.double() / h.double().norm(dim=-1).clamp_min(1e-30)).sum()
 
-    def result(self) -> dict:
-        return {"tokens": self.tokens, "argmax_counts": self.argmax_counts,
-                "mean_share": self.share_sum / max(self.tokens, 1)}
+    def merge(self, other: "_ResidualSinkState") -> None:
+        if self.argmax_counts.shape != other.argmax_counts.shape:
+            raise ValueError("cannot merge residual-sink states of different models")
+        self.argmax_counts += other.argmax_counts
+        self.share_sum += other.share_sum
+        self.tokens += other.tokens
+
+    def result(self) -> ResidualSinksResult:
+        return ResidualSinksResult(tokens=self.tokens, argmax_counts=self.argmax_counts.clone(),
+                                   mean_share=self.share_sum / max(self.tokens, 1))

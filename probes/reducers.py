@@ -2,7 +2,12 @@
 
 Each reducer holds tensors whose size depends on the model (layers, d_model), never on
 the number of tokens seen.  Sums are kept in float64 so that long corpora do not lose
-precision.
+precision.  Every state merges with a state of the same reducer over other windows
+(sums add, maxima keep the larger with its location), and reads out as a frozen dataclass
+with named fields.
+
+Where two values tie for a maximum, the one in the lower corpus window is kept, in a fold
+as in a merge, so a merged result equals the folded one whatever the split.
 """
 
 from __future__ import annotations
@@ -10,15 +15,92 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from layerscope.probes.backends import Activations, Point, execution_order
-from layerscope.probes.capture import Batch
+from layerscope.probes.capture import Batch, PortableState, require_same
 from layerscope.probes.zoo import LoadedModel
 
-FIRST, REST = 0, 1
-# sum_x_sq is also the sum of squared token norms, so it is not kept twice.
-MOMENT_FIELDS = ("tokens", "sum_norm", "elements", "sum_x", "sum_x_sq")
+
+@dataclass(frozen=True)
+class Location:
+    """Where each of a set of values sits in the corpus: the window (its index in the
+    corpus), the position in it, the dim, and the token id at that position."""
+
+    window: Int[torch.Tensor, "*where"]
+    position: Int[torch.Tensor, "*where"]
+    dim: Int[torch.Tensor, "*where"]
+    token: Int[torch.Tensor, "*where"]
+
+    def at(self, *index) -> tuple[int, int, int, int]:
+        """(window, position, dim, token) of one entry, as ints."""
+        return (int(self.window[index]), int(self.position[index]), int(self.dim[index]), int(self.token[index]))
+
+
+def beats(value: torch.Tensor, window: torch.Tensor, held: torch.Tensor, held_window: torch.Tensor) -> torch.Tensor:
+    """Whether a candidate maximum replaces the held one: larger, or as large and from a lower window."""
+    return (value > held) | ((value == held) & (window < held_window))
+
+
+# ---------------------------------------------------------------- moments
+
+# A batch's moments are packed in this order so that each point costs one add.
+_MOMENT_FIELDS = ("tokens", "sum_norm", "elements", "sum_x", "sum_x_sq")
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Token sums over one set of positions: the token count, the sum of token L2 norms,
+    the element count, and the sum and sum of squares of the elements (which is also the
+    sum of squared token norms)."""
+
+    tokens: Float[torch.Tensor, "*where"]
+    sum_norm: Float[torch.Tensor, "*where"]
+    elements: Float[torch.Tensor, "*where"]
+    sum_x: Float[torch.Tensor, "*where"]
+    sum_x_sq: Float[torch.Tensor, "*where"]
+
+    @classmethod
+    def unpack(cls, packed: Float[torch.Tensor, "*where 5"]) -> "Moments":
+        return cls(*packed.unbind(-1))
+
+    @property
+    def mean_norm(self) -> Float[torch.Tensor, "*where"]:
+        return self.sum_norm / self.tokens
+
+    @property
+    def mean(self) -> Float[torch.Tensor, "*where"]:
+        return self.sum_x / self.elements
+
+    @property
+    def variance(self) -> Float[torch.Tensor, "*where"]:
+        """Over all elements, unbiased as torch.var's default."""
+        return (self.sum_x_sq - self.elements * self.mean.square()) / (self.elements - 1)
+
+    @property
+    def std(self) -> Float[torch.Tensor, "*where"]:
+        return self.variance.clamp_min(0).sqrt()
+
+
+@dataclass(frozen=True)
+class PointMoments:
+    """One point kind, per layer: moments at position 0 and at the other positions, and the
+    largest |x| with where it occurred."""
+
+    first: Moments
+    rest: Moments
+    max_abs: Float[torch.Tensor, "layer"]
+    max_at: Location
+
+
+@dataclass(frozen=True)
+class MomentsResult:
+    """`ResidualMoments`' result: each point kind's `PointMoments`."""
+
+    kinds: dict[str, PointMoments]
+
+    def __getitem__(self, kind: str) -> PointMoments:
+        return self.kinds[kind]
 
 
 @dataclass(frozen=True)
@@ -37,35 +119,48 @@ class ResidualMoments:
         return _MomentsState(self.kinds, loaded.n_layers)
 
 
-class _MomentsState:
+class _MomentsState(PortableState):
+    model_bound = ("_shared",)
+
     def __init__(self, kinds: tuple[str, ...], n_layers: int):
         self.kinds = kinds
         shape = (len(kinds), n_layers)
-        self.moments = torch.zeros(*shape, 2, len(MOMENT_FIELDS), dtype=torch.float64)
+        # [kind layer slot field]: slot 0 is position 0, slot 1 the other positions.
+        self.moments = torch.zeros(*shape, 2, len(_MOMENT_FIELDS), dtype=torch.float64)
         self.max_abs = torch.full(shape, -1.0, dtype=torch.float64)
         # window, position, dim, token id of the largest |x|
-        self.max_where = torch.zeros(*shape, 4, dtype=torch.long)
+        self.max_at = torch.zeros(*shape, 4, dtype=torch.long)
         self._shared = _SharedTensor()
 
     def update(self, acts: Activations, batch: Batch) -> None:
         for (k, l), x in _by_index(acts, self.kinds):
             moments, value, flat = self._shared.reduce(x, _moments_and_max)
             self.moments[k, l] += moments
-            if value.item() > self.max_abs[k, l]:
-                window, pos, dim = torch.unravel_index(flat, x.shape)
+            row, pos, dim = torch.unravel_index(flat, x.shape)
+            window = batch.windows[row]
+            if beats(value.double(), window, self.max_abs[k, l], self.max_at[k, l, 0]):
                 self.max_abs[k, l] = value.item()
-                self.max_where[k, l] = torch.stack(
-                    [window + batch.offset, pos, dim, batch.input_ids[window, pos]])
+                self.max_at[k, l] = torch.stack([window, pos, dim, batch.input_ids[row, pos]])
 
-    def result(self) -> dict[str, torch.Tensor]:
+    def merge(self, other: "_MomentsState") -> None:
+        require_same(self, other, "kinds")
+        self.moments += other.moments
+        better = beats(other.max_abs, other.max_at[..., 0], self.max_abs, self.max_at[..., 0])
+        self.max_abs = torch.where(better, other.max_abs, self.max_abs)
+        self.max_at = torch.where(better[..., None], other.max_at, self.max_at)
+
+    def result(self) -> MomentsResult:
         self._shared = _SharedTensor()
-        return {"kinds": list(self.kinds), "moments": self.moments, "max_abs": self.max_abs,
-                "max_where": self.max_where}
+        return MomentsResult({kind: PointMoments(
+            first=Moments.unpack(self.moments[k, :, 0].clone()), rest=Moments.unpack(self.moments[k, :, 1].clone()),
+            max_abs=self.max_abs[k].clone(), max_at=Location(*self.max_at[k].clone().unbind(-1)),
+        ) for k, kind in enumerate(self.kinds)})
 
 
 def _moments_and_max(x: torch.Tensor) -> tuple:
+    # The first of equal maxima in (window, position, dim) order: the lowest window.
     value, flat = x.abs().flatten().max(dim=0)
-    return batch_moments(x), value, flat
+    return _batch_moments(x), value, flat
 
 
 def _storage_key(x: torch.Tensor) -> tuple:
@@ -91,12 +186,12 @@ def _by_index(acts: Activations, kinds: tuple[str, ...]):
         yield (kinds.index(p.kind), p.layer), acts[p]
 
 
-def batch_moments(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "2 field"]:
-    """A batch's MOMENT_FIELDS for position 0 and for the other positions.
+def _batch_moments(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "2 5"]:
+    """A batch's moments (in `_MOMENT_FIELDS` order) for position 0 and for the other positions.
 
     Sums run in float32 over one batch and are accumulated across batches in float64."""
-    out = torch.empty(2, len(MOMENT_FIELDS), dtype=torch.float64)
-    for slot, part in ((FIRST, x[:, :1]), (REST, x[:, 1:])):
+    out = torch.empty(2, len(_MOMENT_FIELDS), dtype=torch.float64)
+    for slot, part in enumerate((x[:, :1], x[:, 1:])):
         norm_sq = part.square().sum(dim=-1)
         out[slot] = torch.stack([
             torch.tensor(float(norm_sq.numel())), norm_sq.sqrt().sum(),
@@ -105,19 +200,20 @@ def batch_moments(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Te
     return out
 
 
-def fold_moments(into: Float[torch.Tensor, "2 field"], x: Float[torch.Tensor, "batch pos d_model"]) -> None:
-    """Add a batch's first-position and other-position moments into `into`."""
-    into += batch_moments(x)
+# ---------------------------------------------------------------- cosines
 
+@dataclass(frozen=True)
+class CosineMeans:
+    """`LayerCosines`' result, per layer: the token means of cos(resid_pre, resid_post)
+    (`block`), cos(resid_pre, resid_mid) (`attn`), cos(resid_mid, resid_post) (`mlp`), and
+    the angular distance over the reducer's span from this layer (NaN where the span runs
+    past the last layer or no span was asked for); `tokens` averaged over."""
 
-def moment_summary(moments: Float[torch.Tensor, "... 2 field"], slot: int) -> dict[str, torch.Tensor]:
-    """Mean norm, and the mean, variance and std over all elements, from folded moments."""
-    m = moments[..., slot, :]
-    tokens, sum_norm, elements, sum_x, sum_x_sq = m.unbind(-1)
-    mean = sum_x / elements
-    # Unbiased, as torch.var's default.
-    variance = (sum_x_sq - elements * mean.square()) / (elements - 1)
-    return {"mean_norm": sum_norm / tokens, "mean": mean, "variance": variance, "std": variance.clamp_min(0).sqrt()}
+    block: Float[torch.Tensor, "layer"]
+    attn: Float[torch.Tensor, "layer"]
+    mlp: Float[torch.Tensor, "layer"]
+    angular: Float[torch.Tensor, "layer"]
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -142,13 +238,15 @@ class LayerCosines:
         return _CosinesState(self, loaded.n_layers)
 
 
-class _CosinesState:
-    FIELDS = ("block", "attn", "mlp", "angular")
+class _CosinesState(PortableState):
+    model_bound = ("_shared", "waiting", "span_inputs")
+    # Columns of the packed sums.
+    BLOCK, ATTN, MLP, ANGULAR = range(4)
 
     def __init__(self, spec: LayerCosines, n_layers: int):
         self.spec = spec
         self.n_layers = n_layers
-        self.sums = torch.zeros(n_layers, len(self.FIELDS), dtype=torch.float64)
+        self.sums = torch.zeros(n_layers, 4, dtype=torch.float64)
         self.tokens = 0
         # Points of the current layer in float64 with their token norms, and the inputs an
         # angular span still needs, by layer.
@@ -175,9 +273,9 @@ class _CosinesState:
         if not all(p in self.waiting for p in wanted):
             return
         pre, mid, post = (self.waiting.pop(p) for p in wanted)
-        self.sums[layer, 0] += _cosine_sum(pre, post)
-        self.sums[layer, 1] += _cosine_sum(pre, mid)
-        self.sums[layer, 2] += _cosine_sum(mid, post)
+        self.sums[layer, self.BLOCK] += _cosine_sum(pre, post)
+        self.sums[layer, self.ATTN] += _cosine_sum(pre, mid)
+        self.sums[layer, self.MLP] += _cosine_sum(mid, post)
         if layer == 0:
             self.tokens += pre[1].numel()
         span = self.spec.span
@@ -187,18 +285,24 @@ class _CosinesState:
             if first >= 0:
                 start = self.span_inputs.pop(first)
                 cos = (_dot(start, post) / (start[1] * post[1]).clamp_min(_EPS)).clamp(-1, 1)
-                self.sums[first, 3] += (torch.arccos(cos) / torch.pi).sum()
+                self.sums[first, self.ANGULAR] += (torch.arccos(cos) / torch.pi).sum()
             if layer == self.n_layers - 1:
                 self.span_inputs.clear()
 
-    def result(self) -> dict:
+    def merge(self, other: "_CosinesState") -> None:
+        require_same(self, other, "spec", "n_layers")
+        if self.waiting or getattr(other, "waiting", None):
+            raise ValueError("cannot merge cosines in the middle of a batch")
+        self.sums += other.sums
+        self.tokens += other.tokens
+
+    def result(self) -> CosineMeans:
         self._shared = _SharedTensor()
         mean = self.sums / self.tokens
-        if self.spec.span > 0:
-            mean[self.n_layers - self.spec.span + 1:, 3] = float("nan")
-        else:
-            mean[:, 3] = float("nan")
-        return {"fields": list(self.FIELDS), "mean": mean, "tokens": self.tokens}
+        angular = mean[:, self.ANGULAR].clone()
+        angular[self.n_layers - self.spec.span + 1 if self.spec.span > 0 else 0:] = float("nan")
+        return CosineMeans(block=mean[:, self.BLOCK], attn=mean[:, self.ATTN], mlp=mean[:, self.MLP],
+                           angular=angular, tokens=self.tokens)
 
 
 # torch.nn.functional.cosine_similarity's floor on the product of norms
@@ -212,6 +316,18 @@ def _dot(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tens
 def _cosine_sum(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Token sum of cos(a, b), from float64 values and their precomputed token norms."""
     return (_dot(a, b) / (a[1] * b[1]).clamp_min(_EPS)).sum()
+
+
+# ---------------------------------------------------------------- sublayer ratios
+
+@dataclass(frozen=True)
+class SublayerRatioMeans:
+    """`SublayerRatios`' result, per layer: the token means (positions >= 1) of
+    ||attn_out|| / ||resid_pre|| (`attn`) and ||mlp_out|| / ||resid_mid|| (`mlp`)."""
+
+    attn: Float[torch.Tensor, "layer"]
+    mlp: Float[torch.Tensor, "layer"]
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -228,22 +344,54 @@ class SublayerRatios:
         return _RatiosState(loaded.n_layers)
 
 
-class _RatiosState:
+class _RatiosState(PortableState):
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
-        self.sums = torch.zeros(n_layers, 2, dtype=torch.float64)
+        self.attn = torch.zeros(n_layers, dtype=torch.float64)
+        self.mlp = torch.zeros(n_layers, dtype=torch.float64)
         self.tokens = 0
 
     def update(self, acts: Activations, batch: Batch) -> None:
         norm = lambda kind, layer: acts[Point(kind, layer)][:, 1:].double().norm(dim=-1)
         for layer in range(self.n_layers):
-            self.sums[layer, 0] += (norm("attn_out", layer) / norm("resid_pre", layer)).sum()
-            self.sums[layer, 1] += (norm("mlp_out", layer) / norm("resid_mid", layer)).sum()
+            self.attn[layer] += (norm("attn_out", layer) / norm("resid_pre", layer)).sum()
+            self.mlp[layer] += (norm("mlp_out", layer) / norm("resid_mid", layer)).sum()
         x = next(iter(acts.values()))
         self.tokens += x.shape[0] * (x.shape[1] - 1)
 
-    def result(self) -> dict:
-        return {"mean": self.sums / self.tokens}
+    def merge(self, other: "_RatiosState") -> None:
+        require_same(self, other, "n_layers")
+        self.attn += other.attn
+        self.mlp += other.mlp
+        self.tokens += other.tokens
+
+    def result(self) -> SublayerRatioMeans:
+        return SublayerRatioMeans(attn=self.attn / self.tokens, mlp=self.mlp / self.tokens, tokens=self.tokens)
+
+
+# ---------------------------------------------------------------- logit lens
+
+@dataclass(frozen=True)
+class LensGrid:
+    """The corpus's first window: its tokens, and each layer's top token and probability at
+    every position."""
+
+    input_ids: Int[torch.Tensor, "pos"]
+    top_token: Int[torch.Tensor, "layer pos"]
+    top_prob: Float[torch.Tensor, "layer pos"]
+
+
+@dataclass(frozen=True)
+class LogitLensResult:
+    """`LogitLens`' result, per layer: token means of the next-token cross-entropy
+    (`ce`), top-1 accuracy and KL from the final distribution; the first window's grid
+    (None when the corpus's window 0 was not folded)."""
+
+    ce: Float[torch.Tensor, "layer"]
+    top1_accuracy: Float[torch.Tensor, "layer"]
+    kl_to_final: Float[torch.Tensor, "layer"]
+    tokens: int
+    grid: LensGrid | None
 
 
 @dataclass(frozen=True)
@@ -262,31 +410,45 @@ class LogitLens:
         return _LensState(loaded)
 
 
-class _LensState:
+class _LensState(PortableState):
+    model_bound = ("loaded",)
+
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
-        self.sums = torch.zeros(loaded.n_layers, 3, dtype=torch.float64)
+        self.n_layers = loaded.n_layers
+        self.sums = torch.zeros(loaded.n_layers, 3, dtype=torch.float64)  # ce, correct, kl
         self.tokens = 0
-        self.grid: dict[str, torch.Tensor] = {}
+        self.grid: LensGrid | None = None
 
     def update(self, acts: Activations, batch: Batch) -> None:
         from layerscope.probes.replay import Reference, compare_to_reference, unembed
 
         targets = batch.input_ids[:, 1:]
         final = Reference.of(batch.logits, batch.input_ids)
+        row = batch.first_row
         top_ids, top_probs = [], []
-        for layer in range(self.loaded.n_layers):
+        for layer in range(self.n_layers):
             logits = unembed(self.loaded, acts[Point("resid_post", layer)])
             compared = compare_to_reference(logits, final)
             self.sums[layer] += torch.tensor([compared["ce"], compared["correct"], compared["kl"]], dtype=torch.float64)
-            if batch.offset == 0:
-                prob, token = torch.softmax(logits[0], dim=-1).max(dim=-1)
+            if row is not None:
+                prob, token = torch.softmax(logits[row], dim=-1).max(dim=-1)
                 top_ids.append(token)
                 top_probs.append(prob)
-        if batch.offset == 0:
-            self.grid = {"top_token": torch.stack(top_ids), "top_prob": torch.stack(top_probs),
-                         "input_ids": batch.input_ids[0]}
+        if row is not None:
+            self.grid = LensGrid(batch.input_ids[row], torch.stack(top_ids), torch.stack(top_probs))
         self.tokens += targets.numel()
 
-    def result(self) -> dict:
-        return {"mean": self.sums / self.tokens, **self.grid}
+    def merge(self, other: "_LensState") -> None:
+        require_same(self, other, "n_layers")
+        self.sums += other.sums
+        self.tokens += other.tokens
+        if other.grid is not None:
+            if self.grid is not None:
+                raise ValueError("both logit-lens states hold the corpus's first window: their windows overlap")
+            self.grid = other.grid
+
+    def result(self) -> LogitLensResult:
+        mean = self.sums / self.tokens
+        return LogitLensResult(ce=mean[:, 0], top1_accuracy=mean[:, 1], kl_to_final=mean[:, 2], tokens=self.tokens,
+                               grid=self.grid)

@@ -14,11 +14,13 @@ from layerscope.app.cli import main
 from layerscope.probes.capture import Capture, capture
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
+from layerscope.probes.outlier_reducers import OutlierCounts, ProjectionOutliersResult
 
 
 def _hand_capture(counts: torch.Tensor, tokens: int) -> Capture:
-    result = {"sites": ["attn_in", "mlp_in"], "threshold": 6.0, "tokens": tokens, "counts": counts,
-              "max_abs": counts.double() * 0.1 + 6.0 * (counts > 0)}
+    max_abs = counts.double() * 0.1 + 6.0 * (counts > 0)
+    sites = (OutlierCounts(counts[:, s], max_abs[:, s]) for s in range(2))  # attn_in, mlp_in
+    result = ProjectionOutliersResult(6.0, tokens, *sites)
     return Capture({"projection_outliers": result}, "hand", counts.shape[0], tokens, "hand", 0.0, 0)
 
 

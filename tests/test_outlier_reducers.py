@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from outlier_helpers import small_windows
@@ -89,5 +91,13 @@ def test_folded_statistics_hold_no_autograd_graph(tiny_models):
     windows = small_windows(loaded, max_tokens=64, seq_len=16)
     spec = ProbeSpec((ProjectionOutliers(threshold=1.0), TokenKurtosis(), AttentionSinks(), MassiveActivations()))
     results = capture(loaded, windows, spec, progress=False).results
-    tensors = [v for result in results.values() for v in result.values() if isinstance(v, torch.Tensor)]
+    tensors = [v for result in results.values() for v in _tensors(result)]
     assert tensors and not any(t.requires_grad for t in tensors)
+
+
+def _tensors(result):
+    if isinstance(result, torch.Tensor):
+        yield result
+    elif dataclasses.is_dataclass(result):
+        for field in dataclasses.fields(result):
+            yield from _tensors(getattr(result, field.name))

@@ -6,24 +6,36 @@ import torch
 from layerscope.analysis.block_influence import BlockInfluenceOptions, block_influence
 from layerscope.analysis.block_influence import probe as block_influence_probe
 from layerscope.analysis.residual_stats import PROBE, residual_stats
-from layerscope.probes.backends import get_backend, points
-from layerscope.probes.capture import ProbeSpec, capture
+from layerscope.probes.backends import Point, get_backend, points
+from layerscope.probes.capture import Batch, ProbeSpec, capture
 from layerscope.probes.corpus import CorpusSpec, token_windows
-from layerscope.probes.reducers import FIRST, MOMENT_FIELDS, REST, ResidualMoments, fold_moments, moment_summary
+from layerscope.probes.reducers import Moments, ResidualMoments
 
 
-def test_moments_match_torch_var_and_norm():
+def test_moments_match_torch_var_and_norm(tiny_models):
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(3, 5, 8, generator=generator) * s + s for s in (1.0, 4.0)]
-    folded = torch.zeros(2, len(MOMENT_FIELDS), dtype=torch.float64)
-    for x in batches:
-        fold_moments(folded, x)
+    state = ResidualMoments(kinds=("resid_post",)).start(tiny_models["llama"])  # layer 0 alone is fed
+    for i, x in enumerate(batches):
+        state.update({Point("resid_post", 0): x}, Batch(torch.zeros(3, 5, dtype=torch.long), None, 3 * i))
     everything = torch.cat(batches)
-    rest = moment_summary(folded, REST)
-    first = moment_summary(folded, FIRST)
-    torch.testing.assert_close(rest["variance"].float(), torch.var(everything[:, 1:]), rtol=1e-5, atol=0)
-    torch.testing.assert_close(first["std"].float(), torch.std(everything[:, 0]), rtol=1e-5, atol=0)
-    torch.testing.assert_close(rest["mean_norm"].float(), everything[:, 1:].norm(dim=-1).mean(), rtol=1e-5, atol=0)
+    stats = state.result()["resid_post"]
+    torch.testing.assert_close(stats.rest.variance[0].float(), torch.var(everything[:, 1:]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats.first.std[0].float(), torch.std(everything[:, 0]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats.rest.mean_norm[0].float(), everything[:, 1:].norm(dim=-1).mean(), rtol=1e-5,
+                               atol=0)
+    window, position, dim = torch.unravel_index(everything.abs().argmax(), everything.shape)
+    assert stats.max_at.at(0)[:3] == (window.item(), position.item(), dim.item())
+    assert stats.max_abs[0].item() == everything.abs().max().item()
+
+
+def assert_same(a, b, where) -> None:
+    """Equal tensors inside equal nested result dataclasses."""
+    if dataclasses.is_dataclass(a):
+        for field in dataclasses.fields(a):
+            assert_same(getattr(a, field.name), getattr(b, field.name), (*where, field.name))
+    else:
+        assert torch.equal(a, b), where
 
 
 def _windows(loaded, max_tokens):
@@ -68,8 +80,10 @@ def test_streamed_moments_equal_moments_read_after_the_pass(tiny_models):
         windows = _windows(loaded, 1024)
         streamed = capture(loaded, windows, PROBE, progress=False)["moments"]
         kept = capture(loaded, windows, ProbeSpec(reducers=(_KeptMoments(),)), progress=False)["moments"]
-        for field in ("moments", "max_abs", "max_where"):
-            assert torch.equal(streamed[field], kept[field]), (family, field)
+        for kind in PROBE.reducers[0].kinds:
+            a, b = streamed[kind], kept[kind]
+            for field in ("first", "rest", "max_abs", "max_at"):
+                assert_same(getattr(a, field), getattr(b, field), (family, kind, field))
 
 
 def test_hooks_backend_hands_streamed_points_over_in_execution_order(tiny_models, token_batch):
@@ -100,4 +114,8 @@ def test_streaming_with_a_derived_resid_mid_matches_the_kept_path(tiny_models):
                                kept.drop(columns="removal_rank").to_numpy(), rtol=1e-9, equal_nan=True)
     moments = capture(derived, windows, PROBE, progress=False)["moments"]
     reference = capture(derived, windows, PROBE, backend="nnsight", progress=False)["moments"]
-    torch.testing.assert_close(moments["moments"], reference["moments"], rtol=1e-6, atol=1e-9)
+    for kind in PROBE.reducers[0].kinds:
+        for slot in ("first", "rest"):
+            for field in dataclasses.fields(Moments):
+                torch.testing.assert_close(getattr(getattr(moments[kind], slot), field.name),
+                                           getattr(getattr(reference[kind], slot), field.name), rtol=1e-6, atol=1e-9)
