@@ -28,7 +28,7 @@ from layerscope.probes.zoo import LoadedModel
 
 @dataclass(frozen=True)
 class BlockInfluenceOptions:
-    angular: int = field(default=0, metadata={"help": "also the angular distance over this many blocks (0: off)"})
+    angular: int = field(default=0, metadata={"min": 0, "max": 4096, "help": "also the angular distance over this many blocks (0: off)"})
     exclude_first: bool = field(default=False, metadata={"help": "leave out position 0 (the sink)"})
     placements: str = field(default="", metadata={
         "help": "compare norm placements of a tiny-*/config: model, e.g. pre,post,peri,mix,lns"})

@@ -31,9 +31,9 @@ def _fraction(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class Int8Options:
-    threshold: float = field(default=6.0, metadata={"help": "an outlier has |value| >= this"})
-    min_layer_frac: float = field(default=0.25, metadata={"help": "fraction of layers a dim must affect"})
-    min_token_frac: float = field(default=0.06, metadata={"help": "fraction of tokens it must affect in such a layer"})
+    threshold: float = field(default=6.0, metadata={"min": 0.0, "help": "an outlier has |value| >= this"})
+    min_layer_frac: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0, "help": "fraction of layers a dim must affect"})
+    min_token_frac: float = field(default=0.06, metadata={"min": 0.0, "max": 1.0, "help": "fraction of tokens it must affect in such a layer"})
 
     def __post_init__(self):
         if self.threshold <= 0:

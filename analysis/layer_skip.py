@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
 from layerscope.analysis.metric import Metric, Tables
+from layerscope.probes import distributed
 from layerscope.probes.capture import Capture
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
@@ -49,6 +50,11 @@ def chosen_layers(options: LayerSkipOptions, n_layers: int) -> list[int]:
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise UserError(f"layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}")
+    repeated = sorted({l for l in layers if layers.count(l) > 1})
+    if repeated:
+        raise UserError(f"--layers names layer {repeated[0]} more than once")
+    if not layers:
+        raise UserError(f"--layers names no layer: give comma-separated integers, got {options.layers!r}")
     return layers
 
 
@@ -79,6 +85,19 @@ def replay(loaded: LoadedModel, windows: TokenWindows, options: LayerSkipOptions
     with tqdm(total=len(windows) * len(layers), disable=not progress, unit="skip",
               desc=f"skip sweep ({options.part})") as bar:
         sweep = skip_sweep(loaded, windows, layers, options.part, progress=bar)
+    return _chosen_tables(sweep, loaded, options)
+
+
+def sharded_replay(loaded: LoadedModel, windows: TokenWindows, options: LayerSkipOptions, captured: Capture | None,
+                   found: Tables, progress: bool = False) -> Tables | None:
+    """The sweep over this rank's windows of a data-parallel run, summed on rank 0 (None elsewhere)."""
+    mine, _ = distributed.shard(windows)
+    layers = chosen_layers(options, loaded.n_layers)
+    sweep = distributed.merged_on_rank0(skip_sweep(loaded, mine, layers, options.part))
+    return None if sweep is None else _chosen_tables(sweep, loaded, options)
+
+
+def _chosen_tables(sweep: SkipSweep, loaded: LoadedModel, options: LayerSkipOptions) -> Tables:
     tables = skip_tables(sweep)
     if not loaded.adapter.causal:
         tables["layer_skip"] = tables["layer_skip"].drop(columns=["ce_full", "ce_skipped", "delta_ce", "kl",
@@ -129,4 +148,4 @@ def summarize(tables: Tables) -> list[str]:
 
 
 METRIC = Metric("layer-skip", "cost of skipping each block or sublayer, and its effect on later layers",
-                replay=replay, kind="replay", options=LayerSkipOptions, figures=figures, summarize=summarize)
+                replay=replay, sharded_replay=sharded_replay, kind="replay", options=LayerSkipOptions, figures=figures, summarize=summarize)

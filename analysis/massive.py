@@ -38,9 +38,9 @@ MAX_TOP_K = 1000
 
 @dataclass(frozen=True)
 class MassiveOptions:
-    top_k: int = field(default=3, metadata={"help": "largest |activation|s kept per layer, over distinct (position, dim) pairs"})
-    min_value: float = field(default=100.0, metadata={"help": "a massive activation's |value| exceeds this"})
-    min_ratio: float = field(default=1000.0, metadata={"help": "and is at least this many times the layer's median |value|"})
+    top_k: int = field(default=3, metadata={"min": 1, "max": MAX_TOP_K, "help": "largest |activation|s kept per layer, over distinct (position, dim) pairs"})
+    min_value: float = field(default=100.0, metadata={"min": 0.0, "help": "a massive activation's |value| exceeds this"})
+    min_ratio: float = field(default=1000.0, metadata={"min": 0.0, "help": "and is at least this many times the layer's median |value|"})
     intervene: str | None = field(default=None, metadata={
         "help": "set the massive activations of the layer where they appear to zero, to their mean, or both, "
                 "and report the change in loss", "choices": list(INTERVENTIONS)})

@@ -84,6 +84,9 @@ class Metric:
     probe: Callable[[object, LoadedModel], ProbeSpec] = no_probe
     tables: Callable[[Capture, LoadedModel, object], Tables] = no_tables
     replay: Replay | None = None
+    # The replay over this rank's share of the windows in a data-parallel run, combined on
+    # rank 0 (None on the others); replays without one run whole on rank 0.
+    sharded_replay: Replay | None = None
     options: type = NoOptions
     figures: Callable[[Tables], list[go.Figure]] = _nothing
     summarize: Callable[[Tables], list[str]] = _nothing

@@ -28,10 +28,10 @@ DEFAULT_MAX_REMOVED = 4
 
 @dataclass(frozen=True)
 class PruneCurveOptions:
-    max_removed: int | None = field(default=None, metadata={
+    max_removed: int | None = field(default=None, metadata={"min": 1, "max": 4096,
         "help": "remove up to this many blocks (default: 4, or one less than the depth)"})
     greedy: bool = field(default=True, metadata={"help": "also the greedy order with recomputation"})
-    eval_tokens: int = field(default=1024, metadata={
+    eval_tokens: int = field(default=1024, metadata={"min": 1, "max": 1_000_000,
         "help": "losses are measured on the corpus's first windows up to this many tokens"})
 
     def __post_init__(self):

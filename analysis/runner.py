@@ -19,7 +19,8 @@ from layerscope.analysis.metric import Metric, Tables, check_bounds
 from layerscope.analysis.registry import METRICS
 from layerscope.analysis.result import Result
 from layerscope.analysis.store import package_versions
-from layerscope.probes.capture import ProbeSpec, capture
+from layerscope.probes import distributed
+from layerscope.probes.capture import Capture, ProbeSpec, capture, finish, fold
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.inputs import windows_for
 from layerscope.probes.errors import UserError
@@ -91,7 +92,7 @@ def _over_placements(metric: Metric, loaded: LoadedModel, windows: TokenWindows,
 
 def measure(model: LoadedModel | str, corpus: TokenWindows | str, metrics: list[str] | str | None = None, *,
             options: dict | None = None, backend: str = "hooks", progress: bool = False,
-            **shared_options) -> Result:
+            **shared_options) -> Result | None:
     """Measure `metrics` (names, default all that apply) of `model` on `corpus` in one pass.
 
     `corpus` is token windows (`layerscope.windows`), or a string: "stdlib", a .txt/.jsonl
@@ -118,6 +119,11 @@ def measure(model: LoadedModel | str, corpus: TokenWindows | str, metrics: list[
         metric.check_applies(loaded)
     resolved = {m.name: resolve_options(m, given.get(m.name), shared_options) for m in chosen}
 
+    parallel = distributed.active()
+    lead = not parallel or distributed.rank() == 0
+    if parallel and any(_varies_placement(opts) for opts in resolved.values()):
+        raise UserError("norm-placement comparisons load several models and run in one process, not under torchrun")
+
     timings: dict[str, float] = {}
     tables: Tables = {}
     per_metric: dict[str, list[str]] = {}
@@ -125,21 +131,25 @@ def measure(model: LoadedModel | str, corpus: TokenWindows | str, metrics: list[
     specs = {m.name: m.probe(resolved[m.name], loaded) for m in in_pass}
     union = _union(specs)
     started = time.perf_counter()
-    captured = capture(loaded, windows, union, backend=backend, progress=progress) if union.reducers else None
-    passes = 1 if captured is not None else 0
+    captured = _capture(loaded, windows, union, backend, progress, parallel) if union.reducers else None
+    passes = 1 if union.reducers else 0
     timings["capture"] = time.perf_counter() - started
     for metric in chosen:
         started = time.perf_counter()
         opts = resolved[metric.name]
-        if metric in in_pass:
-            found = metric.tables(captured, loaded, opts) if specs[metric.name].reducers else {}
-            if metric.replay is not None:
-                found = {**found, **metric.replay(loaded, windows, opts, captured, found, progress)}
-        else:
+        if metric not in in_pass:
             found = _over_placements(metric, loaded, windows, opts, backend, progress)
+        else:
+            found = metric.tables(captured, loaded, opts) if lead and specs[metric.name].reducers else {}
+            if parallel and metric.sharded_replay is not None:
+                found = {**found, **(metric.sharded_replay(loaded, windows, opts, captured, found, progress) or {})}
+            elif metric.replay is not None and lead:
+                found = {**found, **metric.replay(loaded, windows, opts, captured, found, progress)}
         timings[metric.name] = time.perf_counter() - started
         per_metric[metric.name] = list(found)
         tables.update(found)
+    if not lead:
+        return None
     manifest = {
         "metric": chosen[0].name if len(chosen) == 1 and metrics is not None else "survey",
         "model": {**loaded.card(), "weights_hash": loaded.weights_hash},
@@ -152,4 +162,18 @@ def measure(model: LoadedModel | str, corpus: TokenWindows | str, metrics: list[
         "timings": timings,
         "notes": notes,
     }
+    if parallel:
+        manifest["distributed"] = distributed.describe_shards(windows.input_ids.shape[0])
     return Result(tables, manifest)
+
+
+def _capture(loaded: LoadedModel, windows: TokenWindows, union: ProbeSpec, backend: str, progress: bool,
+             parallel: bool) -> Capture | None:
+    """One pass over the corpus; in a data-parallel run, over this rank's share, with the
+    states merged on rank 0 (None on the other ranks)."""
+    if not parallel:
+        return capture(loaded, windows, union, backend=backend, progress=progress)
+    mine, index = distributed.shard(windows)
+    folded = distributed.merged_on_rank0(fold(loaded, mine, union, backend=backend, progress=progress,
+                                              window_index=index))
+    return None if folded is None else finish(loaded, windows, folded)

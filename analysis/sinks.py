@@ -47,9 +47,9 @@ from layerscope.probes.zoo import LoadedModel
 
 @dataclass(frozen=True)
 class SinkOptions:
-    eps: float = field(default=0.3, metadata={"help": "a head sinks when alpha_0 > eps (Gu et al.); in (0, 1)"})
-    keys: int = field(default=4, metadata={"help": "first keys whose alpha_k is reported"})
-    top_dims: int = field(default=3, metadata={"help": "residual-sink dims reported per layer"})
+    eps: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0, "help": "a head sinks when alpha_0 > eps (Gu et al.); in (0, 1)"})
+    keys: int = field(default=4, metadata={"min": 1, "max": 4096, "help": "first keys whose alpha_k is reported"})
+    top_dims: int = field(default=3, metadata={"min": 1, "max": 4096, "help": "residual-sink dims reported per layer"})
 
     def __post_init__(self):
         if not 0 < self.eps < 1:

@@ -32,7 +32,7 @@ PROBE = ProbeSpec((ResidualMoments(kinds=KINDS, name="mlp_extremes"),))
 
 @dataclass(frozen=True)
 class SuperWeightOptions:
-    layer: int | None = field(default=None, metadata={
+    layer: int | None = field(default=None, metadata={"min": 0, "max": 100_000,
         "help": "block to read the super weight from (default: the block whose down-projection input spikes)"})
     ablate: bool = field(default=False, metadata={"help": "zero the super weight and report the change in loss"})
 

@@ -162,7 +162,9 @@ def _prepare(args):
 
     set_threads(args.threads)
     started = time.perf_counter()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    from layerscope.probes.distributed import local_device
+
+    loaded = load_model(args.model, device=local_device(args.device), dtype=args.dtype, device_map=args.device_map)
     load_seconds = time.perf_counter() - started
     corpus = CorpusSpec(args.corpus, args.seq_len, args.max_tokens, args.batch_size)
     windows = token_windows(corpus, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
@@ -194,7 +196,8 @@ def _measure(args, metrics: list[str] | None, options: dict | None = None):
 
     loaded, windows, load_seconds = _prepare(args)
     result = measure(loaded, windows, metrics, options=options, backend=args.backend, progress=_progress(args))
-    result.manifest["timings"]["load_seconds"] = load_seconds
+    if result is not None:
+        result.manifest["timings"]["load_seconds"] = load_seconds
     return loaded, windows, result
 
 
@@ -206,6 +209,8 @@ def cmd_analyze(args) -> int:
     options = metric.options(**{name: getattr(args, name) for name in metric.option_names})
     check_bounds(options)
     _, _, result = _measure(args, [metric.name], {metric.name: options})
+    if result is None:  # a rank other than 0 of a data-parallel run: rank 0 reports
+        return 0
     tables = result.tables
     shown = tables if args.format == "json" else metric.display(tables)
     return _save_then_show(args, result, lambda run_path: _print_tables(shown, args.format, run_path))
@@ -217,6 +222,8 @@ def cmd_survey(args) -> int:
 
     chosen = [m.name for m in resolve_metrics(args.metrics)] if args.metrics else None
     loaded, windows, result = _measure(args, chosen)
+    if result is None:
+        return 0
 
     def show(run_path: Path | None) -> None:
         if args.format == "json":

@@ -23,7 +23,7 @@ from harness import RESULTS_DIR, write_atomic
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-SCRIPTS = ("load_time.py", "residual_capture.py", "block_influence.py", "one_pass.py", "skip_sweep.py", "outlier_memory.py",
+SCRIPTS = ("load_time.py", "residual_capture.py", "block_influence.py", "one_pass.py", "data_parallel.py", "skip_sweep.py", "outlier_memory.py",
            "ln_removal_step.py", "app_reopen.py")
 RESULTS_FILE = BENCH / "RESULTS.md"
 

@@ -291,7 +291,7 @@ class _CosinesState(PortableState):
 
     def merge(self, other: "_CosinesState") -> None:
         require_same(self, other, "spec", "n_layers")
-        if self.waiting or getattr(other, "waiting", None):
+        if getattr(self, "waiting", None) or getattr(other, "waiting", None):
             raise ValueError("cannot merge cosines in the middle of a batch")
         self.sums += other.sums
         self.tokens += other.tokens

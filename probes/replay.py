@@ -161,6 +161,15 @@ class SkipSweep:
     future: torch.Tensor            # [skipped, layer]  ||c_m - c'_m|| / ||c_m||, non-first positions
     tokens: int                     # next-token positions = non-first positions
 
+    def merge(self, other: "SkipSweep") -> "SkipSweep":
+        """The sums of two disjoint sets of windows, swept over the same layers."""
+        if (self.layers, self.part) != (other.layers, other.part):
+            raise ValueError("cannot merge sweeps over different layers or parts")
+        return SkipSweep(self.layers, self.part, self.ce_full + other.ce_full, self.ce_skip + other.ce_skip,
+                         self.kl + other.kl, self.top1_agree + other.top1_agree,
+                         self.final_change + other.final_change, self.future + other.future,
+                         self.tokens + other.tokens)
+
 
 # Unembedding a few variants together reads the (large) unembedding matrix once for all.
 UNEMBED_TOKENS = 1024
@@ -194,7 +203,7 @@ def skip_sweep(loaded: LoadedModel, batches, layers: list[int], part: SkipPart =
     for input_ids in batches:
         clean = record_clean_pass(loaded, input_ids)
         if causal:
-            ce_full += next_token_ce(clean.logits, input_ids).sum().item()
+            ce_full += next_token_ce(clean.logits, clean.input_ids).sum().item()
             reference = Reference.of(clean.logits, input_ids)
         clean_contribs = [clean.contribution(m)[:, 1:].double() for m in range(n)]
         final_norm = clean.final_resid[:, 1:].double().norm(dim=-1)
