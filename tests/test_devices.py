@@ -99,3 +99,28 @@ def test_the_app_measures_in_the_chosen_dtype(tmp_path, monkeypatch):
     [run] = list_runs(tmp_path / "runs")
     manifest, _ = load_run(run["run_id"], tmp_path / "runs")
     assert manifest["model"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.real
+def test_smollm2_in_bfloat16_agrees_with_float32():
+    """On real weights: Block Influence to 0.02 absolute (bf16 residuals of |x| up to 2e4
+    carry about 3 significant digits, and 1 - cos of nearby vectors loses more), mean
+    norms to 2% relative, the same massive dim and first massive layer, and the sink rate
+    to 5 percentage points."""
+    from layerscope.probes.inputs import windows
+
+    wide_model = load_model("smollm2-135m")
+    corpus = windows(wide_model, "stdlib", seq_len=64, max_tokens=128)
+    names = ["residual-stats", "block-influence", "massive", "sinks"]
+    wide = measure(wide_model, corpus, names)
+    del wide_model
+    narrow = measure(load_model("smollm2-135m", dtype="bfloat16"), corpus, names)
+    bi = (wide["block_influence"]["block_influence"] - narrow["block_influence"]["block_influence"]).abs().max()
+    assert bi < 0.02, bi
+    post = lambda r: r["residual_stats"].query("point == 'resid_post'")["mean_norm"].to_numpy()
+    assert abs(post(narrow) / post(wide) - 1).max() < 0.02
+    first_massive = lambda r: r["massive_dims"].query("massive").sort_values(["layer", "max_abs"]).iloc[[0, -1]]
+    assert first_massive(wide)["layer"].iloc[0] == first_massive(narrow)["layer"].iloc[0]
+    top = lambda r: r["massive_top"].query("rank == 1 and massive")["dim"].mode().iloc[0]
+    assert top(wide) == top(narrow)
+    assert abs(wide["sink_summary"]["sink_rate"].iloc[0] - narrow["sink_summary"]["sink_rate"].iloc[0]) < 5
