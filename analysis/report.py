@@ -17,6 +17,7 @@ from layerscope.analysis.metric import Metric, Tables
 from layerscope.analysis.registry import DRAWN
 from layerscope.analysis.result import metric_names
 from layerscope.analysis.store import DEFAULT_ROOT, load_run
+from layerscope.probes.errors import UserError
 from layerscope.probes.files import write_atomic
 
 # The modebar logo is a link to an outside site; an offline report has no use for it.
@@ -31,16 +32,26 @@ class MetricFigures:
     metric: Metric | None
     figures: list[go.Figure] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
+    # Why the tables could not be drawn (a table missing, empty or of another shape), if so.
+    problem: str | None = None
 
 
 def run_figures(manifest: dict, tables: Tables) -> list[MetricFigures]:
+    """Each measurement of a run with its figures and findings.  A measurement whose
+    tables cannot be drawn (damaged, empty, or another measurement's) is kept with the
+    reason, so one bad table never hides the rest of the run."""
     out = []
     for name in metric_names(manifest):
         metric = DRAWN.get(name)
         if metric is None:
             out.append(MetricFigures(name, None))
             continue
-        out.append(MetricFigures(name, metric, list(metric.figures(tables)), list(metric.summarize(tables))))
+        try:
+            out.append(MetricFigures(name, metric, list(metric.figures(tables)), list(metric.summarize(tables))))
+        except Exception as err:  # noqa: BLE001 - drawing code meets whatever a damaged table holds
+            reason = str(err).splitlines()[0] if str(err) else ""
+            out.append(MetricFigures(name, metric, problem=f"its tables cannot be drawn "
+                                                           f"({type(err).__name__}{': ' + reason if reason else ''})"))
     return out
 
 
@@ -56,6 +67,8 @@ def _section(entry: MetricFigures, options: dict, first_figure: bool) -> tuple[s
                      "so its tables are kept but not drawn.</p></section>")
         return "".join(parts), first_figure
     parts.append(f"<p>{html.escape(entry.metric.summary)}</p>")
+    if entry.problem:
+        parts.append(f"<p class='missing'>{html.escape(entry.problem)}</p>")
     if options:
         parts.append(f"<h3>options</h3>{_definition_list(options)}")
     if entry.findings:
@@ -110,11 +123,24 @@ def report_html(manifest: dict, tables: Tables) -> tuple[str, int]:
     return document, n_figures
 
 
-def write_report(run_id: str, output: Path, root: Path = DEFAULT_ROOT) -> int:
+def save_report(manifest: dict, tables: Tables, output: Path | str) -> int:
+    """Write the report of a loaded run to the file `output`, atomically; returns the
+    number of figures.  A folder, a device or an unwritable place is one readable error."""
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"report output {output} is a folder; give a file name such as {output / 'report.html'}")
+    if output.exists() and not output.is_file():
+        raise UserError(f"report output {output} is not a regular file")
+    document, n_figures = report_html(manifest, tables)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(output, document)
+    except OSError as err:
+        raise UserError(f"could not write the report to {output}: {err.strerror or err}") from None
+    return n_figures
+
+
+def write_report(run_id: str, output: Path | str, root: Path | str = DEFAULT_ROOT) -> int:
     """Write the report of a stored run to `output`; returns the number of figures."""
     manifest, tables = load_run(run_id, root)
-    document, n_figures = report_html(manifest, tables)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(output, document)
-    return n_figures
+    return save_report(manifest, tables, output)

@@ -2,10 +2,17 @@
 
 A run is written into a hidden staging folder `.<run_id>.<random>/` and renamed into
 place when complete, so a crash never leaves a folder that looks like a finished run.
-The staging folder names its writer (pid and host) in `.owner`: while that process lives
-the run lists as `running`; once it is gone the leftover lists as `interrupted`.  Run ids
-carry a random suffix and every writer has its own staging folder, so concurrent runs
-never clash; the final rename refuses to replace an existing run.
+The staging folder names its writer (pid and host) in `.owner`, which the writer holds
+locked (`flock`) for as long as it lives and touches every `HEARTBEAT_SECONDS`: while the
+lock is held, or on another host while the heartbeat is recent, the run lists as
+`running`; otherwise the leftover lists as `interrupted` and `runs rm` removes it (a
+reused pid or a dead host cannot keep a run "running" forever; `runs rm --force`
+removes one anyway).  Run ids carry a random suffix and every writer has its own staging
+folder, so concurrent runs never clash; the final rename refuses to replace a run.
+
+Every read of a run is checked: the manifest against a schema (`read_manifest`), each
+table against the sha256 the manifest recorded when it was written.  A run that fails
+lists as corrupt, with the reason, and never stops the others from listing or loading.
 
 Only folders that look like runs are listed or removed: a folder with `manifest.json` or
 Parquet tables, or a staging folder holding nothing but what a writer puts there.  Any
@@ -18,12 +25,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from importlib import metadata
@@ -33,18 +44,30 @@ from typing import Iterator
 import pandas as pd
 
 from layerscope.probes.errors import UserError
-from layerscope.probes.files import publish_dir, safe_name
+from layerscope.probes.files import _umask, publish_dir, safe_name, sync_dir
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: fall back to asking whether the pid lives
+    fcntl = None
 
 DEFAULT_ROOT = Path("runs")
 MANIFEST = "manifest.json"
 OWNER = ".owner"
 COMPLETE = "complete"
 VERSIONED_PACKAGES = ("layerscope", "torch", "transformers", "transformer-lens", "nnsight")
+# A writer touches its `.owner` this often; a writer on another host whose heartbeat is
+# older than LEASE_SECONDS is taken to be gone (its lock cannot be seen from here).
+HEARTBEAT_SECONDS = 15.0
+LEASE_SECONDS = 120.0
+# A manifest is a few kB; these bound what a damaged or hostile one can cost to read.
+MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_MANIFEST_DEPTH = 32
 
 
 def new_run_id(metric: str, model: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{metric}-{safe_name(model)}-{uuid.uuid4().hex[:6]}"
+    return f"{stamp}-{safe_name(metric)}-{safe_name(model)}-{uuid.uuid4().hex[:6]}"
 
 
 def package_versions() -> dict[str, str]:
@@ -68,15 +91,229 @@ def _now() -> str:
 
 
 def _check_run_id(run_id: str) -> str:
-    if not run_id or run_id in (".", "..") or run_id.startswith(".") or "/" in run_id or os.sep in run_id:
+    if (not isinstance(run_id, str) or not run_id or run_id in (".", "..") or run_id.startswith(".")
+            or "/" in run_id or os.sep in run_id or "\0" in run_id):
         raise UserError(f"{run_id!r} is not a run id (see `layerscope runs list`)")
     return run_id
 
 
+def _valid_table_name(name) -> bool:
+    return (isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name
+            and os.sep not in name and "\0" not in name)
+
+
 def _check_table_name(name: str) -> str:
-    if not name or name.startswith(".") or "/" in name or os.sep in name:
+    if not _valid_table_name(name):
         raise UserError(f"{name!r} is not a valid table name")
     return name
+
+
+# ---------------------------------------------------------------- reading manifests
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read or does not follow the schema; the message is one line."""
+
+
+_NUMBER = (int, float)
+# field: (accepted types, required).  Anything else in a manifest is kept as it is.
+MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "metric": ((str,), True),
+    "status": ((str,), True),
+    "tables": ((list,), True),
+    "run_id": ((str,), False),
+    "created": ((str,), False),
+    "finished": ((str,), False),
+    "model": ((dict,), False),
+    "corpus": ((dict,), False),
+    "options": ((dict,), False),
+    "backend": ((str,), False),
+    "versions": ((dict,), False),
+    "timings": ((dict,), False),
+    "notes": ((list,), False),
+    "tables_by_metric": ((dict,), False),
+    "table_sha256": ((dict,), False),
+    "capture_passes": ((int,), False),
+    "key": ((str, type(None)), False),
+    "warnings": ((list,), False),
+}
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+             type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _is(value, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def _check_tree(manifest) -> None:
+    """Bounded depth, and text that can be printed: no lone surrogates from `\\udXXX` escapes."""
+    stack = [(manifest, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_MANIFEST_DEPTH:
+            raise ManifestError(f"nested deeper than {MAX_MANIFEST_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((key, depth) for key in value)
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ManifestError(f"holds text that is not valid Unicode ({value[:20]!r})") from None
+
+
+def validate_manifest(manifest) -> dict:
+    """The manifest if it follows the run schema, else a `ManifestError` saying where it does not."""
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"is {_type_names((type(manifest),))}, not an object")
+    _check_tree(manifest)
+    for name, (types, required) in MANIFEST_FIELDS.items():
+        if name not in manifest:
+            if required:
+                raise ManifestError(f"has no {name!r}")
+            continue
+        if not _is(manifest[name], types):
+            raise ManifestError(f"{name!r} is {_type_names((type(manifest[name]),))}, not {_type_names(types)}")
+    tables = manifest["tables"]
+    if not all(_valid_table_name(t) for t in tables) or len(set(tables)) != len(tables):
+        raise ManifestError("'tables' must list distinct table names")
+    model = manifest.get("model", {})
+    if "model" in model and not _is(model["model"], (str,)):
+        raise ManifestError("'model.model' is not a string")
+    for name, types, what in (("options", (dict,), "an object per measurement"),
+                              ("tables_by_metric", (list,), "a list of table names per measurement"),
+                              ("timings", (*_NUMBER, type(None)), "a number (or null) per stage"),
+                              ("versions", (str,), "a string per package"),
+                              ("table_sha256", (str,), "a hex digest per table")):
+        if any(not _is(value, types) for value in manifest.get(name, {}).values()):
+            raise ManifestError(f"{name!r} must hold {what}")
+    if any(not all(isinstance(t, str) and t in tables for t in listed)
+           for listed in manifest.get("tables_by_metric", {}).values()):
+        raise ManifestError("'tables_by_metric' names a table the run does not hold")
+    for name in ("notes", "warnings"):
+        if not all(isinstance(line, str) for line in manifest.get(name, [])):
+            raise ManifestError(f"{name!r} must be a list of strings")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in manifest.get("timings", {}).values()):
+        raise ManifestError("'timings' must be finite")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict:
+    """A run folder's manifest, parsed and checked against the schema (`validate_manifest`);
+    a `ManifestError` with a one-line reason for anything else."""
+    path = Path(folder) / MANIFEST
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as err:
+        raise ManifestError(err.strerror or str(err)) from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"larger than {MAX_MANIFEST_BYTES // 2**20} MiB")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"not UTF-8 (byte {err.start})") from None
+    except RecursionError:
+        raise ManifestError("nested too deeply to read") from None
+    except ValueError as err:
+        raise ManifestError(f"not valid JSON ({str(err).splitlines()[0]})") from None
+    return validate_manifest(manifest)
+
+
+# ---------------------------------------------------------------- table checksums
+
+_HASHES: dict[tuple, str] = {}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered while its size, times and inode stay the same, so that
+    listing a store every time the app redraws does not read every table again."""
+    stat = path.stat()
+    key = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        if len(_HASHES) > 4096:
+            _HASHES.clear()
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def _table_problem(folder: Path, manifest: dict) -> str | None:
+    """Why the tables do not match the manifest (missing, not a file, or a sha256 other
+    than the one recorded when they were written), or None."""
+    tables, recorded = manifest["tables"], manifest.get("table_sha256", {})
+    missing = [name for name in tables if not (folder / f"{name}.parquet").exists()]
+    if missing:
+        return f"missing tables: {', '.join(missing)}"
+    unrecorded = [name for name in tables if name not in recorded]
+    if unrecorded:
+        return f"no sha256 recorded for table(s) {', '.join(unrecorded)}"
+    for name in tables:
+        path = folder / f"{name}.parquet"
+        if path.is_symlink() or not path.is_file():
+            return f"table {name} is not a regular file"
+        try:
+            digest = _file_sha256(path)
+        except OSError as err:
+            return f"table {name} cannot be read ({err.strerror or err})"
+        if digest != recorded[name]:
+            return f"table {name} does not match its recorded sha256 (truncated or damaged)"
+    return None
+
+
+# ---------------------------------------------------------------- writing runs
+
+class _Lease:
+    """The writer's claim on a staging folder: `.owner` names the pid and host, is held
+    under `flock` while the writer lives (the kernel drops the lock when it dies, whatever
+    later reuses its pid), and is touched every `HEARTBEAT_SECONDS` for readers on other hosts."""
+
+    def __init__(self, staging: Path):
+        self.path = staging / OWNER
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        if fcntl is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}).encode())
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="layerscope-run-lease", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(self.fd)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._beat.join()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C back for a few statements, so that a folder is never made without the
+    code that removes it on an error knowing about it."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class RunWriter:
@@ -88,50 +325,72 @@ class RunWriter:
         self.staging = staging
         self.manifest = manifest
         self.tables: list[str] = []
+        self.sha256: dict[str, str] = {}
 
     def add_tables(self, tables: dict[str, pd.DataFrame]) -> None:
         for name, table in tables.items():
-            table.to_parquet(self.staging / f"{_check_table_name(name)}.parquet", index=False)
+            buffer = io.BytesIO()
+            table.to_parquet(buffer, index=False)
+            data = buffer.getvalue()
+            with open(self.staging / f"{_check_table_name(name)}.parquet", "wb") as handle:
+                handle.write(data)
+            self.sha256[name] = sha256_bytes(data)
             if name not in self.tables:
                 self.tables.append(name)
 
     def write_manifest(self, status: str) -> None:
-        manifest = {**self.manifest, "status": status, "tables": sorted(self.tables)}
+        manifest = {**self.manifest, "status": status, "tables": sorted(self.tables),
+                    "table_sha256": {name: self.sha256[name] for name in sorted(self.tables)}}
         (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
 
 @contextlib.contextmanager
-def open_run(manifest: dict, root: Path = DEFAULT_ROOT, run_id: str | None = None) -> Iterator[RunWriter]:
+def open_run(manifest: dict, root: Path | str = DEFAULT_ROOT, run_id: str | None = None) -> Iterator[RunWriter]:
     """Stage a run while it is computed and written; on a clean exit rename it into place.
 
-    An exception removes the staging folder; a hard crash leaves it, and it then lists as
-    interrupted.
+    An exception (Ctrl-C included) removes the staging folder; a hard crash leaves it, and
+    it then lists as interrupted.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"run store {root} is a file, not a folder")
     root.mkdir(parents=True, exist_ok=True)
-    model_name = manifest.get("model", {}).get("model", "model")
-    run_id = _check_run_id(run_id or new_run_id(manifest.get("metric", "run"), model_name))
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=root))
-    staging.chmod(0o755)  # mkdtemp makes it private; a finished run is read by whoever reads the store
-    (staging / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    writer = RunWriter(run_id, root / run_id, staging, {**manifest, "run_id": run_id, "created": _now()})
+    model = manifest.get("model")
+    model_name = model.get("model", "model") if isinstance(model, dict) else "model"
+    run_id = _check_run_id(run_id or new_run_id(str(manifest.get("metric", "run")), str(model_name)))
+    staging, lease = None, None
     try:
+        with _interrupts_held():
+            staging = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=root))
+            lease = _Lease(staging)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a run is read by whoever reads the store
+        writer = RunWriter(run_id, root / run_id, staging, {**manifest, "run_id": run_id, "created": _now()})
         writer.write_manifest("running")
         yield writer
         writer.manifest["finished"] = _now()
         writer.write_manifest(COMPLETE)
-        (staging / OWNER).unlink()
         try:
-            # Renaming onto an existing run fails because a run folder is never empty.
+            # Renaming onto an existing run fails because a run folder is never empty.  The
+            # lease goes along and is dropped once the run is in place, so no reader ever
+            # sees the staging folder without its writer.
             publish_dir(staging, writer.path)
         except OSError:
-            raise UserError(f"run {run_id!r} already exists in {root}") from None
+            if writer.path.exists():
+                raise UserError(f"run {run_id!r} already exists in {root}") from None
+            raise
+        staging = None
+        (writer.path / OWNER).unlink()
+        sync_dir(writer.path)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if lease is not None:
+            lease.release()
 
 
-def save_run(tables: dict[str, pd.DataFrame], manifest: dict, root: Path = DEFAULT_ROOT,
+def save_run(tables: dict[str, pd.DataFrame], manifest: dict, root: Path | str = DEFAULT_ROOT,
              run_id: str | None = None) -> Path:
     """Write tables and manifest atomically; returns the run folder."""
     with open_run(manifest, root, run_id) as writer:
@@ -139,20 +398,55 @@ def save_run(tables: dict[str, pd.DataFrame], manifest: dict, root: Path = DEFAU
     return writer.path
 
 
+# ---------------------------------------------------------------- listing runs
+
+def _lock_held(path: Path) -> bool | None:
+    """Whether some process holds `path` under flock; None when that cannot be told."""
+    if fcntl is None:
+        return None
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(handle)
+
+
 def _writer_alive(staging: Path) -> tuple[bool, int | None]:
+    path = staging / OWNER
     try:
-        owner = json.loads((staging / OWNER).read_text())
-    except (OSError, ValueError):
+        owner = json.loads(path.read_text())
+        if not isinstance(owner, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError, RecursionError):
         return False, None
+    pid = owner.get("pid") if isinstance(owner.get("pid"), int) and not isinstance(owner.get("pid"), bool) else None
+    locked = _lock_held(path)
+    if locked:
+        return True, pid
     if owner.get("host") != socket.gethostname():
-        return True, owner.get("pid")  # cannot see another machine's processes; assume it still runs
-    try:
-        os.kill(owner["pid"], 0)
+        # Another machine's lock may not be visible here: trust its heartbeat for a while.
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return False, pid
+        return age < LEASE_SECONDS, pid
+    if locked is False or pid is None:
+        return False, pid
+    try:  # no flock on this system: whether the pid lives is the best guess
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return False, owner["pid"]
-    except PermissionError:
-        pass  # the process exists but belongs to someone else
-    return True, owner["pid"]
+        return False, pid
+    except (PermissionError, OverflowError, ValueError):
+        pass
+    return True, pid
 
 
 def _is_staging(folder: Path) -> bool:
@@ -181,63 +475,112 @@ def _not_a_run(folder: Path) -> UserError:
                      "layerscope does not read or remove it")
 
 
-def _describe(folder: Path) -> dict:
+def _inspect(folder: Path) -> tuple[dict, dict | None]:
+    """A run folder's row for `list_runs`, and its checked manifest when the run is complete."""
     if folder.name.startswith("."):
         alive, pid = _writer_alive(folder)
         run_id = folder.name[1:].rsplit(".", 1)[0]
         if alive:
-            return {"run_id": run_id, "status": "running", "pid": pid, "path": str(folder)}
+            return {"run_id": run_id, "status": "running", "pid": pid, "path": str(folder)}, None
         return {"run_id": run_id, "status": "interrupted", "problem": "staging folder left by a crash",
-                "path": str(folder)}
+                "path": str(folder)}, None
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        tables = [_check_table_name(name) for name in manifest["tables"]]
-        model = manifest.get("model", {})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as err:
+        manifest = read_manifest(folder)
+    except ManifestError as err:
         return {"run_id": folder.name, "status": "corrupt", "problem": f"manifest.json unreadable: {err}",
-                "path": str(folder)}
-    missing = [name for name in tables if not (folder / f"{name}.parquet").is_file()]
+                "path": str(folder)}, None
     status, problem = COMPLETE, None
-    if manifest.get("status") != COMPLETE:
-        status, problem = "interrupted", f"manifest status is {manifest.get('status')!r}"
-    elif missing:
-        status, problem = "corrupt", f"missing tables: {', '.join(missing)}"
-    row = {"run_id": folder.name, "status": status, "metric": manifest.get("metric"),
-           "model": model.get("model") if isinstance(model, dict) else None,
-           "created": manifest.get("created"), "key": manifest.get("key"), "path": str(folder)}
+    if manifest["status"] != COMPLETE:
+        status, problem = "interrupted", f"manifest status is {manifest['status']!r}"
+    else:
+        problem = _table_problem(folder, manifest)
+        status = "corrupt" if problem else COMPLETE
+    row = {"run_id": folder.name, "status": status, "metric": manifest["metric"],
+           "model": manifest.get("model", {}).get("model"), "created": manifest.get("created"),
+           "key": manifest.get("key"), "path": str(folder)}
     if problem:
         row["problem"] = problem
-    return row
+    if manifest.get("warnings"):
+        row["warnings"] = len(manifest["warnings"])
+    return row, manifest if status == COMPLETE else None
 
 
-def list_runs(root: Path = DEFAULT_ROOT) -> list[dict]:
-    """Every run with its status: complete, running, interrupted (a staging folder whose
-    writer is gone, or a manifest whose status is not complete) or corrupt."""
+def _describe(folder: Path) -> dict:
+    return _inspect(folder)[0]
+
+
+def _check_root(root: Path) -> Path:
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"run store {root} is a file, not a folder")
+    return root
+
+
+def list_runs(root: Path | str = DEFAULT_ROOT) -> list[dict]:
+    """Every run with its status: complete, running, interrupted (a staging folder whose
+    writer is gone, or a manifest whose status is not complete) or corrupt (a manifest
+    that breaks the schema, or tables missing or not matching their recorded sha256)."""
+    root = _check_root(root)
     if not root.is_dir():
         return []
-    return [_describe(folder) for folder in sorted(root.iterdir()) if folder.is_dir() and _is_run_folder(folder)]
+    try:
+        folders = sorted(root.iterdir())
+    except OSError as err:
+        raise UserError(f"run store {root} cannot be read: {err.strerror or err}") from None
+    return [_describe(folder) for folder in folders if folder.is_dir() and _is_run_folder(folder)]
 
 
-def find_run(key: str, root: Path = DEFAULT_ROOT) -> str | None:
+def _newest_first(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda row: row.get("created") or "", reverse=True)
+
+
+def runs_with_key(key: str, root: Path | str = DEFAULT_ROOT) -> list[dict]:
+    """The rows of every run stored under `key` whose manifest can be read, newest first:
+    complete ones, and those whose tables were damaged after they were written."""
+    return _newest_first([row for row in list_runs(root) if row.get("key") == key])
+
+
+def find_run(key: str, root: Path | str = DEFAULT_ROOT) -> str | None:
     """The newest complete run stored under `key`, if any."""
-    matches = [row for row in list_runs(root) if row["status"] == COMPLETE and row.get("key") == key]
-    if not matches:
-        return None
-    return max(matches, key=lambda row: row.get("created") or "")["run_id"]
+    matches = [row for row in runs_with_key(key, root) if row["status"] == COMPLETE]
+    return matches[0]["run_id"] if matches else None
 
 
-def latest_run(root: Path = DEFAULT_ROOT) -> str:
+def latest_run(root: Path | str = DEFAULT_ROOT) -> str:
     """The newest complete run, for commands given `latest` instead of a run id."""
     complete = [row for row in list_runs(root) if row["status"] == COMPLETE]
     if not complete:
         raise UserError(f"no complete run in {root}")
-    return max(complete, key=lambda row: row.get("created") or "")["run_id"]
+    return _newest_first(complete)[0]["run_id"]
 
 
-def load_run(run_id: str, root: Path = DEFAULT_ROOT) -> tuple[dict, dict[str, pd.DataFrame]]:
+def load_latest(root: Path | str = DEFAULT_ROOT) -> tuple[str, dict, dict[str, pd.DataFrame], list[str]]:
+    """The newest run that loads, with its manifest and tables, and one line for each newer
+    run skipped because it could not be read."""
+    skipped = []
+    for row in _newest_first([row for row in list_runs(root) if row["status"] == COMPLETE]):
+        try:
+            manifest, tables = load_run(row["run_id"], root)
+        except UserError as err:
+            skipped.append(str(err))
+            continue
+        return row["run_id"], manifest, tables, skipped
+    raise UserError(f"no readable complete run in {root}" + (f" ({len(skipped)} damaged)" if skipped else ""))
+
+
+def _read_table(folder: Path, name: str, recorded: str) -> pd.DataFrame:
+    # Read once, check that very content against its sha256, then parse it.
+    with open(folder / f"{name}.parquet", "rb") as handle:
+        data = handle.read()
+    if sha256_bytes(data) != recorded:
+        raise ValueError(f"table {name} does not match its recorded sha256 (truncated or damaged)")
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def load_run(run_id: str, root: Path | str = DEFAULT_ROOT) -> tuple[dict, dict[str, pd.DataFrame]]:
     """The manifest and tables of a complete run; a readable UserError for anything else."""
-    folder = Path(root) / _check_run_id(run_id)
+    root = _check_root(root)
+    folder = root / _check_run_id(run_id)
     if not folder.is_dir():
         staged = [row for row in list_runs(root) if row["run_id"] == run_id]
         if staged:
@@ -246,47 +589,73 @@ def load_run(run_id: str, root: Path = DEFAULT_ROOT) -> tuple[dict, dict[str, pd
         raise UserError(f"run {run_id!r} not found in {root}")
     if not _is_run_folder(folder):
         raise _not_a_run(folder)
-    row = _describe(folder)
-    if row["status"] != COMPLETE:
+    row, manifest = _inspect(folder)
+    if manifest is None:
+        if row["problem"].startswith("table "):
+            raise UserError(f"run {run_id!r} is corrupt: a table cannot be read ({row['problem']}); "
+                            f"remove it with `layerscope runs rm {run_id}`")
         raise UserError(f"run {run_id!r} is {row['status']} ({row['problem']}); "
                         f"remove it with `layerscope runs rm {run_id}`")
-    manifest = json.loads((folder / MANIFEST).read_text())
     try:
-        tables = {name: pd.read_parquet(folder / f"{name}.parquet") for name in manifest["tables"]}
-    except (OSError, ValueError) as err:
-        raise UserError(f"run {run_id!r} is corrupt: a table cannot be read ({str(err).splitlines()[0]}); "
+        tables = {name: _read_table(folder, name, manifest["table_sha256"][name]) for name in manifest["tables"]}
+    except Exception as err:  # noqa: BLE001 - pyarrow raises many types for a damaged file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"run {run_id!r} is corrupt: a table cannot be read ({reason}); "
                         f"remove it with `layerscope runs rm {run_id}`") from None
     return manifest, tables
 
 
-def remove_run(run_id: str, root: Path = DEFAULT_ROOT) -> list[Path]:
-    """Delete a run, or the staging leftovers of an interrupted one; refuses a running one."""
-    root = Path(root)
+# ---------------------------------------------------------------- removing and exporting
+
+def _remove_tree(path: Path) -> None:
+    try:
+        if path.is_symlink():
+            path.unlink()  # a link is removed, never what it points at
+        else:
+            shutil.rmtree(path)
+    except OSError as err:
+        raise UserError(f"could not remove {path}: {err.strerror or err}") from None
+
+
+def remove_run(run_id: str, root: Path | str = DEFAULT_ROOT, force: bool = False) -> list[Path]:
+    """Delete a run, or the staging leftovers of an interrupted one.  A run still being
+    written is refused unless `force`; a run folder that is a symlink is unlinked and
+    what it points at is left alone."""
+    root = _check_root(root)
     folder = root / _check_run_id(run_id)
+    if folder.is_symlink():
+        _remove_tree(folder)
+        return [folder]
     if folder.is_dir():
         if not _is_run_folder(folder):
             raise _not_a_run(folder)
-        shutil.rmtree(folder)
+        _remove_tree(folder)
         return [folder]
     leftovers = [row for row in list_runs(root) if row["run_id"] == run_id and row["path"] != str(folder)]
     running = [row for row in leftovers if row["status"] == "running"]
-    if running:
-        raise UserError(f"run {run_id!r} is still being written by process {running[0]['pid']}")
+    if running and not force:
+        raise UserError(f"run {run_id!r} is still being written by process {running[0]['pid']}; "
+                        f"if that process is gone, remove it with `layerscope runs rm --force {run_id}`")
     if not leftovers:
         raise UserError(f"run {run_id!r} not found in {root}")
     for row in leftovers:
-        shutil.rmtree(row["path"])
+        _remove_tree(Path(row["path"]))
     return [Path(row["path"]) for row in leftovers]
 
 
-def export_run(run_id: str, target: Path, root: Path = DEFAULT_ROOT) -> Path:
+def export_run(run_id: str, target: Path, root: Path | str = DEFAULT_ROOT) -> Path:
     """Copy a complete run out as CSV tables plus its manifest, into a new or empty folder."""
     manifest, tables = load_run(run_id, root)
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"export target {target} exists and is not an empty folder")
-    target.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        table.to_csv(target / f"{name}.csv", index=False)
-    (target / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    from layerscope.probes.files import write_atomic
+
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            write_atomic(target / f"{name}.csv", table.to_csv(index=False))
+        write_atomic(target / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    except OSError as err:
+        raise UserError(f"could not export to {target}: {err.strerror or err}") from None
     return target

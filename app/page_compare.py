@@ -25,12 +25,13 @@ with ui.user_errors():
     second_manifest, _ = ui.cached_run(root, second)
     columns[0].caption(ui.run_caption(first_manifest))
     columns[1].caption(ui.run_caption(second_manifest))
-    first_label, second_label = first_manifest["model"]["model"], second_manifest["model"]["model"]
+    first_label = first_manifest.get("model", {}).get("model") or "first"
+    second_label = second_manifest.get("model", {}).get("model") or "second"
     if first_label == second_label:
         first_label, second_label = "first", "second"
-    second_figures = {name: figures for name, figures, _, _ in ui.cached_figures(root, second)}
+    second_figures = {name: figures for name, figures, *_ in ui.cached_figures(root, second)}
     shared = 0
-    for name, figures, _, _ in ui.cached_figures(root, first):
+    for name, figures, *_ in ui.cached_figures(root, first):
         if name not in second_figures:
             continue
         shared += 1

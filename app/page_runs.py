@@ -7,11 +7,16 @@ import streamlit as st
 from layerscope.analysis.report import report_html
 from layerscope.analysis.store import list_runs, load_run, remove_run
 from layerscope.app import ui
+from layerscope.probes.errors import UserError
 
 st.title("Runs")
 root = ui.settings().runs_dir
 st.caption(f"stored in `{root}`")
-runs = list_runs(root)
+try:
+    runs = list_runs(root)
+except UserError as err:
+    st.error(str(err))
+    st.stop()
 if not runs:
     st.info("No runs yet: run a measurement, or `layerscope analyze` / `layerscope survey` with this folder.")
     st.stop()

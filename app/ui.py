@@ -124,9 +124,9 @@ def _load_run(root: str, run_id: str, stamp: tuple) -> tuple[dict, dict[str, pd.
 
 
 @st.cache_data(show_spinner=False)
-def _run_figures(root: str, run_id: str, stamp: tuple) -> list[tuple[str, list, list[str], bool]]:
+def _run_figures(root: str, run_id: str, stamp: tuple) -> list[tuple[str, list, list[str], bool, str | None]]:
     manifest, tables = _load_run(root, run_id, stamp)
-    return [(entry.name, entry.figures, entry.findings, entry.metric is not None)
+    return [(entry.name, entry.figures, entry.findings, entry.metric is not None, entry.problem)
             for entry in run_figures(manifest, tables)]
 
 
@@ -136,13 +136,18 @@ def cached_run(root: Path, run_id: str) -> tuple[dict, dict[str, pd.DataFrame]]:
     return _load_run(str(root), run_id, _folder_stamp(root, run_id))
 
 
-def cached_figures(root: Path, run_id: str) -> list[tuple[str, list, list[str], bool]]:
-    """Each measurement of a run as (name, figures, findings, registered)."""
+def cached_figures(root: Path, run_id: str) -> list[tuple[str, list, list[str], bool, str | None]]:
+    """Each measurement of a run as (name, figures, findings, registered, why it cannot be drawn)."""
     return _run_figures(str(root), run_id, _folder_stamp(root, run_id))
 
 
 def complete_runs() -> list[dict]:
-    return [row for row in list_runs(settings().runs_dir) if row["status"] == "complete"]
+    """The complete runs of the store; none, with the reason shown, when it cannot be read."""
+    try:
+        return [row for row in list_runs(settings().runs_dir) if row["status"] == "complete"]
+    except UserError as err:
+        st.error(str(err))
+        return []
 
 
 # ---------------------------------------------------------------- measurement options
@@ -224,11 +229,13 @@ def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
     """Every figure of a stored run, its findings, and the tables the measurement displays."""
     manifest, tables = cached_run(root, run_id)
     st.caption(run_caption(manifest))
-    for name, figures, findings, registered in cached_figures(root, run_id):
+    for name, figures, findings, registered, problem in cached_figures(root, run_id):
         if len(manifest.get("options", {})) > 1:
             st.subheader(name)
         if not registered:
             st.warning(f"{name} is not registered in this version of layerscope; its tables are shown undrawn")
+        if problem:
+            st.warning(f"{name}: {problem}; its tables are shown undrawn")
         for line in findings:
             st.markdown(f"- {line}")
         for number, figure in enumerate(figures):
@@ -237,7 +244,10 @@ def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
         shown = tables
         metric = DRAWN.get(manifest.get("metric"))
         if metric is not None:
-            shown = metric.display(tables)
+            try:
+                shown = metric.display(tables)
+            except Exception:  # noqa: BLE001 - a damaged table is shown as it is, undrawn
+                shown = tables
         for name, table in shown.items():
             with st.expander(f"table: {name} ({len(table)} rows)"):
                 st.dataframe(table, hide_index=True)
