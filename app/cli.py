@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
+import signal
 import sys
-import time
-import warnings
-from dataclasses import MISSING, fields
-from pathlib import Path
 
-from layerscope.probes.errors import UserError
+
+def _interrupted_while_starting(signum, frame) -> None:
+    os.write(2, b"layerscope: interrupted\n")
+    os._exit(130)
+
+
+# Ctrl-C before main() runs (the imports below) ends the command with one line, not a
+# traceback; main() hands Ctrl-C back to Python.  Only when this is the command itself.
+if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "layerscope":
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import MISSING, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from layerscope.probes.errors import UserError  # noqa: E402
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,9 +37,16 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"layerscope: warning: {message}", file=sys.stderr)
+
+
 def _quiet_libraries() -> None:
-    """Library warnings drown the one line a user needs; layerscope reports its own."""
+    """Library warnings drown the one line a user needs; layerscope reports its own, one
+    line each (a model's suspect weights, say)."""
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("always", module=r"layerscope\.")
+    warnings.showwarning = _one_line_warning
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("transformers", "transformer_lens", "nnsight", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -62,6 +84,27 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
                         help="spread a model too big for one device over every visible device (needs accelerate)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice)")
+    add_config_limit_arg(parser)
+
+
+MAX_CONFIG_PARAMS_FLAG = "--max-config-params"
+
+
+def add_config_limit_arg(parser: argparse.ArgumentParser) -> None:
+    """The size limit of a model built with random weights from `config:PATH`."""
+    parser.add_argument(MAX_CONFIG_PARAMS_FLAG, type=int, default=None, metavar="N",
+                        help="most parameters a `config:PATH` model may have (default 500,000,000; "
+                             "also $LAYERSCOPE_MAX_CONFIG_PARAMS)")
+
+
+def _apply_config_limit(args) -> None:
+    limit = getattr(args, "max_config_params", None)
+    if limit is None:
+        return
+    if limit < 1:
+        raise UserError(f"{MAX_CONFIG_PARAMS_FLAG} must be positive, got {limit}")
+    # The loader, and the app's server process, read the limit from the environment.
+    os.environ["LAYERSCOPE_MAX_CONFIG_PARAMS"] = str(limit)
 
 
 def set_threads(threads: int | None) -> None:
@@ -113,11 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     survey.add_argument("--metrics", help="comma-separated subset (default: all)")
 
     runs = sub.add_parser("runs", help="list, show, remove or export stored runs")
-    runs.add_argument("action", choices=["list", "show", "rm", "export"])
-    runs.add_argument("run_id", nargs="?")
-    runs.add_argument("--runs-dir", default="runs")
-    runs.add_argument("--format", default="table", choices=["table", "json"])
-    runs.add_argument("-o", "--output", help="export target folder (new or empty)")
+    # One parser per action, so that options may come before the run id (`rm --force ID`).
+    actions = runs.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, action_help in (("list", "every run with its status"), ("show", "a run's manifest and tables"),
+                                ("rm", "remove a run, or the leftovers of an interrupted one"),
+                                ("export", "copy a run out as CSV tables and its manifest")):
+        parser_ = actions.add_parser(action, help=action_help)
+        if action != "list":
+            parser_.add_argument("run_id", nargs="?")
+        parser_.add_argument("--runs-dir", default="runs", help="run store folder")
+        parser_.add_argument("--format", default="table", choices=["table", "json"])
+        if action == "export":
+            parser_.add_argument("-o", "--output", help="export target folder (new or empty)")
+        if action == "rm":
+            parser_.add_argument("--force", action="store_true",
+                                 help="remove a run even if it lists as running (its writer's lock or "
+                                      "heartbeat says it lives, say on another machine that is gone)")
 
     report = sub.add_parser("report", help="write a self-contained HTML report of a run (opens offline)")
     report.add_argument("run_id", help="a run id, or 'latest' for the newest complete run")
@@ -129,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
                      help="a folder whose models and corpus files the app may read; repeatable "
                           "(default: the working directory and the model cache)")
-    app.add_argument("--port", type=int, default=8501)
+    app.add_argument("--port", type=int, default=8501, help="TCP port, 1 to 65535 (default 8501)")
     app.add_argument("--address", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    add_config_limit_arg(app)
 
     from layerscope.app.ln_removal_cli import add_ln_removal_parser
 
@@ -277,7 +332,7 @@ def cmd_runs(args) -> int:
             print(json.dumps(manifest, indent=2, default=str))
             _print_tables(tables, "table", None)
     elif args.action == "rm":
-        for folder in remove_run(args.run_id, root):
+        for folder in remove_run(args.run_id, root, force=args.force):
             print(f"removed {folder}")
     elif args.action == "export":
         target = export_run(args.run_id, Path(args.output or f"{args.run_id}-export"), root)
@@ -286,13 +341,20 @@ def cmd_runs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from layerscope.analysis.report import write_report
-    from layerscope.analysis.store import latest_run
+    from layerscope.analysis.report import save_report
+    from layerscope.analysis.store import load_latest, load_run
 
     root = Path(args.runs_dir)
-    run_id = latest_run(root) if args.run_id == "latest" else args.run_id
+    if args.run_id == "latest":
+        # The newest run that can be read: a damaged newer one is named and passed over.
+        run_id, manifest, tables, skipped = load_latest(root)
+        for reason in skipped:
+            print(f"layerscope: skipped: {reason}", file=sys.stderr)
+    else:
+        run_id = args.run_id
+        manifest, tables = load_run(run_id, root)
     output = Path(args.output or f"{run_id}.html")
-    n_figures = write_report(run_id, output, root)
+    n_figures = save_report(manifest, tables, output)
     print(f"wrote {output}: report of {run_id}, {n_figures} figures, {output.stat().st_size / 1e6:.1f} MB, opens offline")
     return 0
 
@@ -300,9 +362,11 @@ def cmd_report(args) -> int:
 def cmd_app(args) -> int:
     """Become `streamlit run` on the app file, passing the store and allowed folders in the
     environment; exec rather than a child process, so that stopping this process stops the server."""
-    from layerscope.app.workbench import AppSettings, default_allowed_dirs
+    from layerscope.app.workbench import AppSettings, checked_folder, default_allowed_dirs
 
-    allowed = tuple(Path(folder).resolve() for folder in args.allow_dir) or default_allowed_dirs()
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    allowed = tuple(checked_folder(folder, "--allow-dir") for folder in args.allow_dir) or default_allowed_dirs()
     missing = [str(folder) for folder in allowed if not folder.is_dir()]
     if args.allow_dir and missing:
         raise UserError(f"--allow-dir folder(s) not found: {', '.join(missing)}")
@@ -327,17 +391,35 @@ COMMANDS = {"analyze": cmd_analyze, "survey": cmd_survey, "models": cmd_models, 
             "report": cmd_report, "app": cmd_app, "ln-removal": cmd_ln_removal}
 
 
+def _stdout_gone() -> None:
+    """The reader of stdout left (`layerscope ... | head -1`): send what is still buffered
+    nowhere, so that Python's own flush at exit does not fail a second time."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        # Inside the try: Ctrl-C while the libraries import is still one line, not a traceback.
+        _quiet_libraries()
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        _apply_config_limit(args)
+        try:
+            return COMMANDS[args.command](args)
+        finally:
+            sys.stdout.flush()  # here, so that a reader gone away is caught below, not at exit
     except UserError as err:
         print(f"layerscope: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("layerscope: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _stdout_gone()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

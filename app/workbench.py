@@ -14,9 +14,9 @@ from typing import Callable
 from layerscope.analysis.metric import Metric
 from layerscope.analysis.runner import measure as run_measurements
 from layerscope.analysis.store import DEFAULT_ROOT, package_versions, run_key
-from layerscope.probes.corpus import LITERAL_PREFIX, STDLIB, CorpusSpec, token_windows
+from layerscope.probes.corpus import LITERAL_PREFIX, STDLIB, CorpusSpec, token_windows, user_path
 from layerscope.probes.errors import UserError
-from layerscope.probes.zoo import LoadedModel, ModelSpec, cache_dir
+from layerscope.probes.zoo import CONFIG_PREFIX, LoadedModel, ModelSpec, cache_dir, split_placement
 
 MAX_TEXT_CHARS = 20_000
 RUNS_DIR_ENV = "LAYERSCOPE_RUNS_DIR"
@@ -54,10 +54,28 @@ def default_allowed_dirs() -> tuple[Path, ...]:
     return Path.cwd(), cache_dir()
 
 
+def resolved_path(path: str, what: str) -> Path:
+    """A typed path made absolute with symlinks followed; `~unknown`, a NUL byte or a link
+    loop is one readable error."""
+    try:
+        return user_path(path, what).resolve()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"{what} {path!r} cannot be resolved: {getattr(err, 'strerror', None) or err}") from None
+
+
+def checked_folder(path: str, what: str) -> Path:
+    """An existing folder a user named (say with `--allow-dir`), made absolute."""
+    folder = resolved_path(path, what)
+    if not folder.is_dir():
+        raise UserError(f"{what} folder(s) not found: {path}")
+    return folder
+
+
 def _inside_allowed(path: str, what: str, allowed: tuple[Path, ...]) -> Path:
     # resolve() follows symlinks, so a link inside an allowed folder cannot point out of it.
-    resolved = Path(path).expanduser().resolve()
-    if not any(resolved.is_relative_to(folder.expanduser().resolve()) for folder in allowed):
+    # Nothing is looked at before the check, so a refusal never tells whether a path exists.
+    resolved = resolved_path(path, what)
+    if not any(resolved.is_relative_to(resolved_path(str(folder), "allowed folder")) for folder in allowed):
         folders = ", ".join(str(folder) for folder in allowed)
         raise UserError(f"{what} {path!r} is outside the folders this app may read ({folders}); "
                         "start it with `layerscope app --allow-dir FOLDER` to add one")
@@ -65,10 +83,15 @@ def _inside_allowed(path: str, what: str, allowed: tuple[Path, ...]) -> Path:
 
 
 def checked_model_name(name: str, settings: AppSettings) -> str:
-    """A zoo name, a Hub id, or a local directory inside the allowed folders (made absolute)."""
+    """A zoo name, a Hub id, or a local directory or `config:` file inside the allowed
+    folders (made absolute, with any `@placement` kept)."""
     name = name.strip()
     if not name:
         raise UserError("no model chosen: pick a zoo model or type a local directory")
+    base, placement = split_placement(name)
+    if base.startswith(CONFIG_PREFIX):
+        config = _inside_allowed(base.removeprefix(CONFIG_PREFIX), "config", settings.allowed_dirs)
+        return f"{CONFIG_PREFIX}{config}" + (f"@{placement}" if placement else "")
     if ModelSpec(name).kind != "local":
         return name
     folder = _inside_allowed(name, "model path", settings.allowed_dirs)

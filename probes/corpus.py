@@ -100,6 +100,17 @@ MAX_JSONL_LINE_BYTES = 16 * 2**20
 _NON_BLANK = re.compile(r"\S")
 
 
+def user_path(text: str, what: str) -> Path:
+    """A path a user typed, with `~` expanded; a NUL byte, or `~someone` for a user this
+    machine does not know, is a UserError naming `what` the path was for."""
+    if "\x00" in text:
+        raise UserError(f"{what} {text!r} contains a NUL byte")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise UserError(f"{what} {text!r} does not exist (no home folder for {text.split('/')[0]!r})") from None
+
+
 def corpus_path(source: str) -> Path:
     """The regular .txt or .jsonl file a corpus source names, or a UserError saying why not.
 
@@ -107,11 +118,7 @@ def corpus_path(source: str) -> Path:
     otherwise block the read forever."""
     if "\x00" in source:
         raise UserError(f"corpus path {source!r} contains a NUL byte")
-    try:
-        path = Path(source).expanduser()
-    except RuntimeError:  # "~someone/..." for a user this machine does not know
-        raise UserError(f"corpus file {source!r} does not exist (no home folder for "
-                        f"{source.split('/')[0]!r})") from None
+    path = user_path(source, "corpus file")
     is_file_name = path.suffix in (".txt", ".jsonl")
     try:
         st = os.stat(path)

@@ -9,16 +9,19 @@ folder is checked before any training, so a bad path costs no compute.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from layerscope.probes.errors import UserError
-from layerscope.probes.files import atomic_path, publish_dir, safe_name
+from layerscope.probes.files import _umask, atomic_path, publish_dir, safe_name
 from layerscope.probes.families import get_module
 from layerscope.probes.interventions import FrozenNorm, swap_module
 from layerscope.probes.zoo import FROZEN_NORMS_FILE, LoadedModel
@@ -27,6 +30,9 @@ CHECKPOINT_FORMAT = 1
 WORK_FOLDER = "ln-removal"
 REMOVAL_CHECKPOINT = "removal.pt"
 CONTROL_CHECKPOINT = "control.pt"
+# A temporary file or folder untouched this long is a leftover of a killed writer: a live
+# one writes to it continuously and renames it within seconds of finishing.
+STALE_SECONDS = 600
 
 
 # ---------------------------------------------------------------- where things go
@@ -47,7 +53,7 @@ class RemovalPaths:
         return self.checkpoint_dir / CONTROL_CHECKPOINT
 
 
-def default_folder(runs_dir: Path) -> Path:
+def default_folder(runs_dir: Path | str) -> Path:
     """`ln-removal/` beside the run store: its sibling, never inside it."""
     runs = Path(runs_dir)
     if runs.name in ("", ".", ".."):
@@ -55,12 +61,12 @@ def default_folder(runs_dir: Path) -> Path:
     return runs.parent / WORK_FOLDER
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def _inside(path: Path | str, folder: Path | str) -> bool:
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
 
 
-def _check_outside_store(path: Path, runs_dir: Path, flag: str) -> None:
+def _check_outside_store(path: Path, runs_dir: Path | str, flag: str) -> None:
     if _inside(path, runs_dir):
         raise UserError(f"{flag} {path} is inside the run store {runs_dir}, which lists and deletes what it holds "
                         f"as runs; keep models and checkpoints outside it (e.g. {default_folder(runs_dir)})")
@@ -91,8 +97,8 @@ def check_replaceable_model_folder(path: Path, flag: str = "--output") -> None:
                         "it would be replaced: choose a new folder")
 
 
-def plan_paths(runs_dir: Path, model_name: str, checkpoint_dir: Path | None = None, output: Path | None = None,
-               resume: bool = False) -> RemovalPaths:
+def plan_paths(runs_dir: Path | str, model_name: str, checkpoint_dir: Path | str | None = None,
+               output: Path | str | None = None, resume: bool = False) -> RemovalPaths:
     """Resolve the default folders and check them all before any work: outside the run
     store, folders rather than files, a model folder that may be replaced, and checkpoints
     that match `resume` (present to resume, absent to start)."""
@@ -109,6 +115,8 @@ def plan_paths(runs_dir: Path, model_name: str, checkpoint_dir: Path | None = No
     for checkpoint in (paths.removal, paths.control):
         if checkpoint.is_dir():
             raise UserError(f"{checkpoint} is a folder, not a checkpoint file: choose another --checkpoint-dir")
+    remove_stale_temporaries(paths.checkpoint_dir)
+    remove_stale_temporaries(paths.output.parent, f".{paths.output.name}")
     if resume and not paths.removal.exists():
         raise UserError(f"--resume: no checkpoint in {paths.checkpoint_dir}")
     if not resume and (paths.removal.exists() or paths.control.exists()):
@@ -119,9 +127,42 @@ def plan_paths(runs_dir: Path, model_name: str, checkpoint_dir: Path | None = No
 
 # ---------------------------------------------------------------- checkpoints
 
+def remove_stale_temporaries(folder: Path, prefix: str = ".", older_than: float = STALE_SECONDS) -> list[Path]:
+    """Delete what a writer killed mid-write left in `folder`: the temporary files of
+    checkpoints (`.removal.pt.*.tmp`) and the staging folders of a norm-free model
+    (`.<name>-*`, `.<name>.old-*`) that nobody has touched for `older_than` seconds."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        checkpoint_tmp = re.fullmatch(rf"\.({re.escape(REMOVAL_CHECKPOINT)}|{re.escape(CONTROL_CHECKPOINT)})"
+                                      r"\.[a-z0-9_]{8}\.tmp", name)
+        # Exactly the names mkdtemp and save_norm_free give, so that nothing else is touched.
+        model_staging = prefix != "." and re.fullmatch(rf"{re.escape(prefix)}(-[a-z0-9_]{{8}}|\.old-\d+)", name)
+        if not (checkpoint_tmp or model_staging):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < older_than:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue
+    return removed
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -166,8 +207,8 @@ def save_norm_free(loaded: LoadedModel, target: Path, provenance: dict) -> Path:
     target = Path(target)
     check_replaceable_model_folder(target, "the norm-free model folder")
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, f".{target.name}")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
     try:
         for path, module in frozen.items():
             swap_module(model, path, _real_like(module))
@@ -178,6 +219,7 @@ def save_norm_free(loaded: LoadedModel, target: Path, provenance: dict) -> Path:
                 swap_module(model, path, module)
         loaded.tokenizer.save_pretrained(staging)
         (staging / FROZEN_NORMS_FILE).write_text(json.dumps({"format": 1, "norms": entries, **provenance}, indent=1))
+        _respect_umask(staging)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
@@ -188,6 +230,18 @@ def save_norm_free(loaded: LoadedModel, target: Path, provenance: dict) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _respect_umask(folder: Path) -> None:
+    """Give a built folder the modes a plain mkdir and open would have: mkdtemp makes the
+    folder 0700, and some writers (safetensors) make their files 0600."""
+    mask = _umask()
+    for root, dirs, names in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in names:
+            path = Path(root) / name
+            if not path.is_symlink():
+                os.chmod(path, 0o666 & ~mask)
 
 
 def _real_like(frozen: FrozenNorm) -> torch.nn.Module:
@@ -201,10 +255,18 @@ def _real_like(frozen: FrozenNorm) -> torch.nn.Module:
 def restore_frozen_norms(model: torch.nn.Module, spec_file: Path) -> None:
     """Replace the norms listed in a `FROZEN_NORMS_FILE` by `FrozenNorm`s with their scales."""
     try:
-        entries = json.loads(Path(spec_file).read_text())["norms"]
+        spec = json.loads(Path(spec_file).read_text())
+        entries = spec["norms"] if isinstance(spec, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise ValueError("'norms' must be a list of objects")
         for entry in entries:
+            numbers = (entry["scale"], entry["first_scale"], entry["weight_offset"])
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+                raise ValueError(f"the scales and offset of {entry['path']!r} must be finite numbers")
+            if not (entry["scale"] > 0 and entry["first_scale"] > 0) or entry["kind"] not in ("layernorm", "rmsnorm"):
+                raise ValueError(f"{entry['path']!r} needs positive scales and a kind of layernorm or rmsnorm")
             norm = get_module(model, entry["path"])
             swap_module(model, entry["path"], FrozenNorm(norm, entry["kind"], entry["scale"], entry["first_scale"],
                                                          entry["weight_offset"]))
-    except (OSError, ValueError, KeyError, AttributeError, IndexError) as err:
+    except (OSError, ValueError, KeyError, AttributeError, IndexError, TypeError, RecursionError) as err:
         raise UserError(f"{spec_file} does not describe this model's norms: {err}") from None

