@@ -179,11 +179,11 @@ class Fold:
         return self
 
 
-def _pointwise_consumers(loaded: LoadedModel, spec: ProbeSpec, states: dict) -> dict[Point, list]:
+def _pointwise_consumers(spec: ProbeSpec, reads: dict[str, list[Point]], states: dict) -> dict[Point, list]:
     """The points that only pointwise reducers read, with the states that read each."""
     readers: dict[Point, list] = {}
     for reducer in spec.reducers:
-        for p in reducer.points(loaded):
+        for p in reads[reducer.name]:
             readers.setdefault(p, []).append(reducer)
     return {p: [states[r.name] for r in rs] for p, rs in readers.items()
             if all(getattr(r, "pointwise", False) for r in rs)}
@@ -207,12 +207,13 @@ def fold(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: s
         raise ValueError(f"window_index has shape {tuple(window_index.shape)}; the shard has {n_windows} windows")
     runner = get_backend(backend, loaded)
     states = {r.name: r.start(loaded) for r in spec.reducers}
-    wanted = sorted({p for r in spec.reducers for p in r.points(loaded)}, key=str)
+    reads = {r.name: r.points(loaded) for r in spec.reducers}
+    wanted = sorted({p for points in reads.values() for p in points}, key=str)
     peak = 0
     started = time.perf_counter()
     bar = tqdm(windows, total=len(windows), disable=not progress, unit="batch",
                desc=f"{loaded.spec.name} x {windows.n_tokens} tokens")
-    stream_to = _pointwise_consumers(loaded, spec, states)
+    stream_to = _pointwise_consumers(spec, reads, states)
     with loaded.eager_attention(needs_patterns(wanted)):
         for input_ids, rows in zip(bar, window_index.split(windows.spec.batch_size)):
             if not len(rows):  # a rank's shard may be empty
@@ -222,7 +223,7 @@ def fold(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: s
             batch.logits, acts = runner.run(loaded, input_ids, wanted, stream=stream)
             for reducer in spec.reducers:
                 # What a backend could not stream reaches pointwise reducers here, after the pass.
-                given = {p: acts[p] for p in reducer.points(loaded) if p in acts}
+                given = {p: acts[p] for p in reads[reducer.name] if p in acts}
                 if given or not getattr(reducer, "pointwise", False):
                     states[reducer.name].update(given, batch)
             del acts, batch

@@ -255,12 +255,7 @@ class _CosinesState(PortableState):
         self._shared = _SharedTensor()
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        start = 1 if self.spec.exclude_first else 0
-
-        def widen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            wide = x[:, start:].double()
-            return wide, wide.norm(dim=-1)
-
+        widen = _widen_from_1 if self.spec.exclude_first else _widen
         for p in sorted(acts, key=execution_order):
             self.waiting[p] = self._shared.reduce(acts[p], widen)
             self._close_if_complete(p.layer)
@@ -307,6 +302,16 @@ class _CosinesState(PortableState):
 
 # torch.nn.functional.cosine_similarity's floor on the product of norms
 _EPS = 1e-8
+
+
+def _widen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A point in float64 with its token norms."""
+    wide = x.double()
+    return wide, wide.norm(dim=-1)
+
+
+def _widen_from_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _widen(x[:, 1:])
 
 
 def _dot(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> Float[torch.Tensor, "batch pos"]:
