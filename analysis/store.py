@@ -305,15 +305,22 @@ class _Lease:
 @contextlib.contextmanager
 def _interrupts_held() -> Iterator[None]:
     """Hold Ctrl-C back for a few statements, so that a folder is never made without the
-    code that removes it on an error knowing about it."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
+    code that removes it on an error knowing about it.  The handler is swapped rather than
+    the signal blocked: another thread would take a blocked signal and interrupt us anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread ever sees KeyboardInterrupt
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held: list[tuple] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(*held[0])  # Python's own handler raises KeyboardInterrupt here
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 class RunWriter:
@@ -351,9 +358,7 @@ def open_run(manifest: dict, root: Path | str = DEFAULT_ROOT, run_id: str | None
     An exception (Ctrl-C included) removes the staging folder; a hard crash leaves it, and
     it then lists as interrupted.
     """
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise UserError(f"run store {root} is a file, not a folder")
+    root = _check_root(root)
     root.mkdir(parents=True, exist_ok=True)
     model = manifest.get("model")
     model_name = model.get("model", "model") if isinstance(model, dict) else "model"
@@ -509,7 +514,9 @@ def _describe(folder: Path) -> dict:
     return _inspect(folder)[0]
 
 
-def _check_root(root: Path) -> Path:
+def _check_root(root: Path | str) -> Path:
+    if "\0" in str(root):
+        raise UserError(f"run store {str(root)!r} contains a NUL byte")
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise UserError(f"run store {root} is a file, not a folder")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 from layerscope.probes.errors import UserError
 
@@ -46,14 +45,15 @@ def add_ln_removal_parser(sub) -> None:
 def cmd_ln_removal(args: argparse.Namespace) -> int:
     from layerscope.analysis.ln_removal import result_tables, save_ln_removal_run, summarize
     from layerscope.app.cli import _print_tables, _progress, set_threads
+    from layerscope.probes.corpus import user_path
     from layerscope.probes.ln_removal import RemovalConfig, RemovalData, RemovalOptions, remove_norms
     from layerscope.probes.zoo import load_model
 
     options = RemovalOptions(
         config=RemovalConfig(**{k: getattr(args, k) for k in RemovalConfig.__dataclass_fields__}),
-        runs_dir=Path(args.runs_dir),
-        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
-        output=Path(args.output) if args.output else None,
+        runs_dir=user_path(args.runs_dir, "--runs-dir"),
+        checkpoint_dir=user_path(args.checkpoint_dir, "--checkpoint-dir") if args.checkpoint_dir else None,
+        output=user_path(args.output, "--output") if args.output else None,
         checkpoint_every=args.checkpoint_every, resume=args.resume, control=not args.no_control)
     data = RemovalData(**{k: getattr(args, k) for k in RemovalData.__dataclass_fields__})
     options.paths(args.model)  # bad folders fail before the model loads

@@ -7,12 +7,10 @@ clearly why it cannot.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from layerscope.probes.corpus import (LITERAL_PREFIX, STDLIB, CorpusSpec, TokenWindows, corpus_hash,
-                                      token_windows)
+                                      token_windows, user_path)
 from layerscope.probes.errors import UserError
 from layerscope.probes.zoo import LoadedModel
 
@@ -68,9 +66,10 @@ def windows_for(model: LoadedModel, corpus) -> TokenWindows:
         if corpus == STDLIB or corpus.startswith(LITERAL_PREFIX):
             return windows(model, corpus)
         if "\n" not in corpus and corpus.endswith(FILE_SUFFIXES):
-            if not Path(corpus).expanduser().exists():
+            path = user_path(corpus, "corpus file")
+            if not path.exists():
                 raise UserError(f"corpus file {corpus!r} does not exist")
-            return windows(model, str(Path(corpus).expanduser()))
+            return windows(model, str(path))
         return text_windows(model, corpus)
     raise UserError(f"a corpus is token windows (layerscope.windows(model, source)), a string (text, "
                     f"'stdlib' or a .txt/.jsonl path) or a [batch, pos] id tensor, not {type(corpus).__name__}")
