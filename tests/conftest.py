@@ -7,9 +7,24 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+# Shape annotations are checked under pytest.  jaxtyping wraps every function and
+# dataclass of layerscope imported from here on (so this runs before the first layerscope
+# import); shape_checking.typechecked runs beartype on those with a jaxtyping annotation
+# and leaves the rest alone (why: see that module).  typeguard 4 cannot be the checker: it
+# recompiles a function from its source, finds none for hooked code and silently checks
+# nothing.  The wrapping costs about 15% of the suite's CPU time.
+from jaxtyping import install_import_hook  # noqa: E402
+
+install_import_hook(["layerscope"], "shape_checking.typechecked")
+
 from layerscope.probes.zoo import TINY_FAMILIES, load_model  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    # beartype's notes that typing.Callable and typing.Iterator are deprecated aliases
+    config.addinivalue_line("filterwarnings", "ignore::beartype.roar.BeartypeDecorHintPep585DeprecationWarning")
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,7 @@ def assert_same_result(merged, whole, where: str = "") -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_folding_two_parts_and_merging_equals_folding_the_whole(tiny_models, family, data):
     batch_size = data.draw(st.sampled_from([1, 2, 4]), label="batch_size")
