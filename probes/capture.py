@@ -13,8 +13,9 @@ one process.
 
 Shape annotations use one axis vocabulary: batch pos d_model layer head d_head d_mlp
 vocab, and window (a corpus window).  Reducer results add kv_head (key/value heads under
-grouped-query attention), rank (a top-k list), bin (log-histogram bins) and component
-(direct logit attribution's terms).
+grouped-query attention), rank (a top-k list), bin (log-histogram bins), component
+(direct logit attribution's terms) and dim (chosen dims of d_model); `_` is a width that
+may be d_model or d_mlp (a reducer that reads either).
 """
 
 from __future__ import annotations

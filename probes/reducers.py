@@ -186,7 +186,7 @@ def _by_index(acts: Activations, kinds: tuple[str, ...]):
         yield (kinds.index(p.kind), p.layer), acts[p]
 
 
-def _batch_moments(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "2 5"]:
+def _batch_moments(x: Float[torch.Tensor, "batch pos _"]) -> Float[torch.Tensor, "2 5"]:
     """A batch's moments (in `_MOMENT_FIELDS` order) for position 0 and for the other positions.
 
     Sums run in float32 over one batch and are accumulated across batches in float64."""
