@@ -43,31 +43,34 @@ def assert_same_tables(parallel: dict, single: dict) -> None:
                 assert other[column].astype(str).tolist() == table[column].astype(str).tolist(), f"{name}.{column}"
 
 
-def check_survey(model: str, max_tokens: int, seq_len: int, metrics: list[str], extra: list[str], tmp_path, port):
+def check_against_one_process(model: str, max_tokens: int, seq_len: int, command: list[str], metrics: list[str],
+                               options: dict | None, tmp_path, port: int) -> None:
     runs = tmp_path / "runs"
-    done = torchrun(["-m", "layerscope.app.cli", "survey", "--model", model, "--max-tokens", str(max_tokens),
-                     "--seq-len", str(seq_len), "--metrics", ",".join(metrics), *extra, "--runs-dir", str(runs),
-                     "--format", "json"], port)
+    done = torchrun(["-m", "layerscope.app.cli", *command, "--model", model, "--max-tokens", str(max_tokens),
+                     "--seq-len", str(seq_len), "--runs-dir", str(runs), "--format", "json"], port)
     assert done.returncode == 0, done.stderr[-3000:]
     [run] = list_runs(runs)
     parallel = Result.load(runs / run["run_id"])
     assert parallel.manifest["distributed"]["world_size"] == 2
     assert set(parallel.manifest["distributed"]["shards"]) == {"0", "1"}
     loaded = load_model(model)
-    options = {"layer-skip": {"layers": extra[extra.index("--layers") + 1]}} if "--layers" in extra else None
     single = measure(loaded, windows(loaded, "stdlib", seq_len=seq_len, max_tokens=max_tokens), metrics,
                      options=options)
     assert_same_tables(parallel.tables, single.tables)
 
 
 def test_two_gloo_ranks_give_the_tables_of_one_process(tmp_path):
-    check_survey("tiny-llama", 1024, 32, STREAMING + ["layer-skip"], [], tmp_path, 29611)
+    metrics = STREAMING + ["layer-skip"]
+    check_against_one_process("tiny-llama", 1024, 32, ["survey", "--metrics", ",".join(metrics)], metrics, None,
+                              tmp_path, 29611)
 
 
 @pytest.mark.real
 def test_two_gloo_ranks_on_smollm2_give_the_tables_of_one_process(tmp_path):
-    streaming = [n for n in STREAMING if n != "logit-lens"] + ["logit-lens", "layer-skip"]
-    check_survey("smollm2-135m", 2048, 128, streaming, ["--layers", "0,11,29"], tmp_path, 29612)
+    check_against_one_process("smollm2-135m", 2048, 128, ["survey", "--metrics", ",".join(STREAMING)], STREAMING,
+                              None, tmp_path / "streaming", 29612)
+    check_against_one_process("smollm2-135m", 2048, 128, ["analyze", "layer-skip", "--layers", "0,11,29"],
+                              ["layer-skip"], {"layer-skip": {"layers": "0,11,29"}}, tmp_path / "skip", 29614)
 
 
 DYING_RANK = textwrap.dedent('''

@@ -268,3 +268,14 @@ def test_peak_memory_does_not_grow_with_the_corpus_and_a_leak_would_be_caught():
     leaky = peak_growth_kib("leaky")
     assert honest < 16 * 1024, honest
     assert leaky > 40 * 1024, leaky
+
+
+def test_reducer_state_bytes_never_count_the_model(tiny_models):
+    """The logit-lens state holds the model to unembed with; its byte count is its sums only."""
+    from layerscope.probes.capture import capture
+    from layerscope.probes.reducers import LogitLens
+
+    loaded = tiny_models["llama"]
+    captured = capture(loaded, small_windows(loaded), ls.ProbeSpec((LogitLens(),)), progress=False)
+    model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    assert 0 < captured.peak_state_bytes < model_bytes / 10
