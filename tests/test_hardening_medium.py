@@ -122,6 +122,35 @@ def test_a_hostile_manifest_is_listed_corrupt_and_never_stops_the_others(capsys,
         load_run("hostile-run", runs)
 
 
+def _app_page(runs: Path, allowed: Path, page: str):
+    from streamlit.testing.v1 import AppTest
+
+    import layerscope.app
+
+    os.environ["LAYERSCOPE_RUNS_DIR"], os.environ["LAYERSCOPE_ALLOWED_DIRS"] = str(runs), str(allowed)
+    try:
+        at = AppTest.from_file(str(Path(layerscope.app.__file__).with_name("streamlit_app.py")), default_timeout=60)
+        at.session_state["model_choice"] = "tiny-llama"
+        at.run()
+        at.switch_page(page).run()
+    finally:
+        del os.environ["LAYERSCOPE_RUNS_DIR"], os.environ["LAYERSCOPE_ALLOWED_DIRS"]
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+@pytest.mark.parametrize("page", ["page_runs.py", "page_compare.py"])
+def test_app_pages_that_list_runs_skip_a_hostile_manifest(runs, good_run, tmp_path, page):
+    shutil.copytree(runs / good_run, runs / "second-good")
+    (runs / "hostile" / "x").mkdir(parents=True)
+    (runs / "hostile" / MANIFEST).write_text('{"metric": ' + "[" * 100_000)
+    at = _app_page(runs, tmp_path, page)
+    if page == "page_runs.py":
+        assert sorted(at.dataframe[0].value["status"]) == ["complete", "complete", "corrupt"]
+    else:
+        assert at.get("plotly_chart"), "the two good runs are compared"
+
+
 @pytest.mark.parametrize("case", ["an empty table", "another metric's table", "a table of text"])
 def test_a_consistent_run_with_odd_tables_is_reported_not_fatal(capsys, runs, tmp_path, case):
     """A run whose manifest and checksums are fine but whose tables are not what its
@@ -137,19 +166,7 @@ def test_a_consistent_run_with_odd_tables_is_reported_not_fatal(capsys, runs, tm
     code, out, _ = cli(capsys, "runs", "show", run_id, "--runs-dir", runs)
     assert code == 0
 
-    from streamlit.testing.v1 import AppTest
-
-    import layerscope.app
-
-    os.environ["LAYERSCOPE_RUNS_DIR"], os.environ["LAYERSCOPE_ALLOWED_DIRS"] = str(runs), str(tmp_path)
-    try:
-        at = AppTest.from_file(str(Path(layerscope.app.__file__).with_name("streamlit_app.py")), default_timeout=60)
-        at.session_state["model_choice"] = "tiny-llama"
-        at.run()
-        at.switch_page("page_runs.py").run()
-    finally:
-        del os.environ["LAYERSCOPE_RUNS_DIR"], os.environ["LAYERSCOPE_ALLOWED_DIRS"]
-    assert not at.exception, [e.value for e in at.exception]
+    at = _app_page(runs, tmp_path, "page_runs.py")
     assert any("cannot be drawn" in w.value for w in at.warning)
 
 
