@@ -12,8 +12,15 @@ from layerscope.probes.reducers import LayerCosines, ResidualMoments
 from layerscope.probes.zoo import load_model, resolve_device, resolve_dtype
 from outlier_helpers import small_windows
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def gpu(test, devices: int = 1):
+    """Marked `gpu`; skipped with the reason where fewer CUDA devices are visible."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return pytest.mark.gpu(pytest.mark.skipif(visible < devices, reason=f"needs {devices} CUDA device(s), "
+                                              f"{visible} visible")(test))
+
+
+def two_gpus(test):
+    return gpu(test, devices=2)
 
 
 def test_auto_is_float32_on_the_cpu_and_bad_choices_are_one_line():
