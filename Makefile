@@ -8,7 +8,7 @@ DEMO_TOKENS ?= 4096
 SURVEY_TOKENS ?= 1024
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-heavy bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+test-heavy: $(BIN)/.installed
+	$(BIN)/python -m pytest -m heavy
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/run_all.py

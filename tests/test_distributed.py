@@ -66,6 +66,7 @@ def test_two_gloo_ranks_give_the_tables_of_one_process(tmp_path):
 
 
 @pytest.mark.real
+@pytest.mark.heavy
 def test_two_gloo_ranks_on_smollm2_give_the_tables_of_one_process(tmp_path):
     check_against_one_process("smollm2-135m", 2048, 128, ["survey", "--metrics", ",".join(STREAMING)], STREAMING,
                               None, tmp_path / "streaming", 29612)
