@@ -23,7 +23,7 @@ from layerscope.probes.capture import Batch, PortableState, ProbeSpec, capture, 
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
-from layerscope.probes.reducers import Location, beats
+from layerscope.probes.reducers import Location, abs_of, beats, per_tensor, token_norms64
 from layerscope.probes.zoo import LoadedModel
 
 # Log histogram of |x|: 100 bins a decade from 1e-8 to 1e8; |x| below the range lands in
@@ -37,7 +37,11 @@ PROJECTION_SITES = ("attn_in", "mlp_in")
 
 def log_bins(x: Float[torch.Tensor, "*shape"]) -> Int[torch.Tensor, "*shape"]:
     """The log-histogram bin of each |x|."""
-    index = ((x.abs().float().log10() - LOG_LOW) * BINS_PER_DECADE).floor()
+    return _log_bins_of_abs(x.abs())
+
+
+def _log_bins_of_abs(absx: Float[torch.Tensor, "*shape"]) -> Int[torch.Tensor, "*shape"]:
+    index = ((absx.float().log10() - LOG_LOW) * BINS_PER_DECADE).floor()
     return index.clamp(0, N_LOG_BINS - 1).long()
 
 
@@ -71,7 +75,11 @@ def projection_inputs(loaded: LoadedModel) -> tuple[tuple[str, ...], Callable, C
 
     @torch.no_grad()
     def normed(norm_path: str, x: torch.Tensor, layer: int) -> torch.Tensor:
-        return x if adapter.placement == "post" else get_module(blocks[layer], norm_path)(x)
+        if adapter.placement == "post":
+            return x
+        norm = get_module(blocks[layer], norm_path)
+        # Shared by the reducers that read the same projection input in one pass.
+        return per_tensor(x, f"norm {id(norm)}", norm)
 
     def attn_in(acts: Activations, layer: int) -> torch.Tensor:
         return normed(adapter.ln1, acts[Point("resid_pre", layer)], layer)
@@ -231,8 +239,8 @@ class _MassiveState(PortableState):
         b, t = batch.input_ids.shape
         self.tokens += b * t
         for point, x in acts.items():
-            layer, absx = point.layer, x.abs()
-            self.histogram[layer] += torch.bincount(log_bins(x).flatten(), minlength=N_LOG_BINS)
+            layer, absx = point.layer, abs_of(x)
+            self.histogram[layer] += torch.bincount(_log_bins_of_abs(absx).flatten(), minlength=N_LOG_BINS)
             self.over[layer, :, 0] += (absx[:, 0] > self.min_value).sum(0)
             self.over[layer, :, 1] += (absx[:, 1:] > self.min_value).sum((0, 1))
             self._fold_dim_max(layer, absx, batch)
@@ -407,7 +415,7 @@ class _ProjectionOutlierState(PortableState):
         self.tokens += batch.input_ids.numel()
         for layer in range(self.n_layers):
             for site, read in enumerate(self.inputs):
-                absx = read(acts, layer).abs().flatten(0, 1)
+                absx = abs_of(read(acts, layer)).flatten(0, 1)
                 self.counts[layer, site] += (absx >= self.threshold).sum(0)
                 self.max_abs[layer, site] = torch.maximum(self.max_abs[layer, site], absx.max(0).values.double())
 
@@ -431,9 +439,11 @@ KURTOSIS_SITES = ("resid_post", *PROJECTION_SITES)
 def token_excess_kurtosis(x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos"]:
     """relu(m4 / m2^2 - 3) of each token's vector over its dims, with central moments
     (scipy.stats.kurtosis with fisher=True, bias=True, floored at 0)."""
-    centred = x.double() - x.double().mean(-1, keepdim=True)
-    m2 = centred.square().mean(-1)
-    m4 = centred.pow(4).mean(-1)
+    # One float64 copy, worked on in place: centred, then squared, then to the fourth power.
+    squared = x.to(torch.float64, copy=True)
+    squared.sub_(squared.mean(-1, keepdim=True)).square_()
+    m2 = squared.mean(-1)
+    m4 = squared.square_().mean(-1)
     return (m4 / m2.square().clamp_min(torch.finfo(torch.float64).tiny) - 3).clamp_min(0)
 
 
@@ -507,7 +517,8 @@ class _KurtosisState(PortableState):
 
 def attention_entropy(pattern: Float[torch.Tensor, "batch head pos pos"]) -> Float[torch.Tensor, "batch head pos"]:
     """-sum_k A[t,k] log A[t,k] of each query's attention distribution, in nats."""
-    return -torch.special.xlogy(pattern.double(), pattern.double()).sum(-1)
+    wide = pattern.double()
+    return -torch.special.xlogy(wide, wide).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -573,10 +584,11 @@ class _SinkState(PortableState):
         seeing = self._queries_seeing(t)
         for layer in range(self.n_layers):
             pattern = acts[Point("attn_pattern", layer)]
-            mass = pattern.double().sum(2)  # [batch head key]
+            wide = pattern.double()
+            mass = wide.sum(2)  # [batch head key]
             self.key_mass[layer] += mass.sum(0)
             self.sink_windows[layer] += (mass[..., 0] / seeing[0] > self.eps).sum(0)
-            self.entropy[layer] += attention_entropy(pattern)[:, :, 1:].sum((0, 2))
+            self.entropy[layer] += attention_entropy(wide)[:, :, 1:].sum((0, 2))
             norms = self.values(acts, layer).double().norm(dim=-1)  # [batch pos kv_head]
             self.value_norms[layer, :, 0] += norms[:, 0].sum(0)
             self.value_norms[layer, :, 1] += norms[:, 1:].sum((0, 1))
@@ -650,9 +662,9 @@ class _ResidualSinkState(PortableState):
     def update(self, acts: Activations, batch: Batch) -> None:
         self.tokens += batch.input_ids.numel()
         for point, h in acts.items():
-            top, dim = h.abs().max(-1)
+            top, dim = abs_of(h).max(-1)
             self.argmax_counts[point.layer] += torch.bincount(dim.flatten(), minlength=h.shape[-1])
-            self.share_sum[point.layer] += (top.double() / h.double().norm(dim=-1).clamp_min(1e-30)).sum()
+            self.share_sum[point.layer] += (top.double() / token_norms64(h).clamp_min(1e-30)).sum()
 
     def merge(self, other: "_ResidualSinkState") -> None:
         if self.argmax_counts.shape != other.argmax_counts.shape:

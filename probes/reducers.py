@@ -12,6 +12,7 @@ as in a merge, so a merged result equals the folded one whatever the split.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -159,12 +160,42 @@ class _MomentsState(PortableState):
 
 def _moments_and_max(x: torch.Tensor) -> tuple:
     # The first of equal maxima in (window, position, dim) order: the lowest window.
-    value, flat = x.abs().flatten().max(dim=0)
+    value, flat = abs_of(x).flatten().max(dim=0)
     return _batch_moments(x), value, flat
 
 
 def _storage_key(x: torch.Tensor) -> tuple:
     return x.data_ptr(), tuple(x.shape), tuple(x.stride())
+
+
+# What reducers derived from an activation, by (storage, what): see `per_tensor`.
+_DERIVED: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def per_tensor(x: torch.Tensor, what: str, compute) -> torch.Tensor:
+    """`compute(x)`, computed once for as long as `x` lives: the reducers of a pass that read
+    one activation share what they derive from it (its |x|, its token norms) instead of each
+    computing it again.  Keyed by `x`'s storage, so that resid_post[l] and resid_pre[l+1],
+    one tensor seen through two hooks, share too; an entry goes when the tensor it was
+    computed from does.  `compute` must return a new tensor, never `x` or a view of it."""
+    slot = (_storage_key(x), x.dtype, x.device, what)
+    hit = _DERIVED.get(slot)
+    if hit is not None and hit[0]() is not None:
+        return hit[1]
+    value = compute(x)
+    _DERIVED[slot] = (weakref.ref(x), value)
+    weakref.finalize(x, _DERIVED.pop, slot, None)
+    return value
+
+
+def abs_of(x: torch.Tensor) -> torch.Tensor:
+    """|x|, shared between the reducers that read `x`."""
+    return per_tensor(x, "abs", torch.abs)
+
+
+def token_norms64(x: Float[torch.Tensor, "batch pos d"]) -> Float[torch.Tensor, "batch pos"]:
+    """Each token's L2 norm, computed in float64, shared between the reducers that read `x`."""
+    return per_tensor(x, "norm64", lambda x: x.double().norm(dim=-1))
 
 
 class _SharedTensor:
@@ -306,12 +337,11 @@ _EPS = 1e-8
 
 def _widen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A point in float64 with its token norms."""
-    wide = x.double()
-    return wide, wide.norm(dim=-1)
+    return x.double(), token_norms64(x)
 
 
 def _widen_from_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _widen(x[:, 1:])
+    return x[:, 1:].double(), token_norms64(x)[:, 1:]
 
 
 def _dot(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> Float[torch.Tensor, "batch pos"]:
@@ -357,7 +387,7 @@ class _RatiosState(PortableState):
         self.tokens = 0
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        norm = lambda kind, layer: acts[Point(kind, layer)][:, 1:].double().norm(dim=-1)
+        norm = lambda kind, layer: token_norms64(acts[Point(kind, layer)])[:, 1:]
         for layer in range(self.n_layers):
             self.attn[layer] += (norm("attn_out", layer) / norm("resid_pre", layer)).sum()
             self.mlp[layer] += (norm("mlp_out", layer) / norm("resid_mid", layer)).sum()
