@@ -24,7 +24,7 @@ from layerscope.probes.backends import Activations, Point
 from layerscope.probes.capture import Batch, PortableState, require_same
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
-from layerscope.probes.norms import applied_scale, is_real_norm, norm_forward, norm_kind
+from layerscope.probes.norms import applied_scale, is_real_norm, norm_eps, norm_forward, norm_kind
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -177,6 +177,7 @@ class _DLAState(PortableState):
             parts += [acts[Point("attn_out", layer)], acts[Point("mlp_out", layer)]]
         h = acts[Point("resid_post", self.n_layers - 1)].double()
         direction = self.w_u[target].double()  # [batch pos d_model]
+        parts = [p.double() for p in parts]  # once each, for the terms, the direct effects and the check
         dla, direct, constant = attribute(parts, h, self.norm, direction, self.weight_offset)
         if self.b_u is not None:
             constant = constant + self.b_u[target].double()
@@ -184,11 +185,13 @@ class _DLAState(PortableState):
         terms = torch.cat([dla, constant[None]])  # [component batch pos], the constant last
         effects = torch.cat([direct, constant[None]])
         gap = terms.sum(0) - model_logit
-        residual_gap = (torch.stack([p.double() for p in parts]).sum(0) - h).abs().amax()
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        residual_gap = (total - h).abs().amax()
         m = valid.double()
-        for i, (value, effect) in enumerate(zip(terms, effects)):
-            self.components[i] += torch.stack([(value * m).sum(), (value.abs() * m).sum(), (effect * m).sum(),
-                                               ((value - effect).abs() * m).sum()])
+        self.components += torch.stack([(terms * m).sum((1, 2)), (terms.abs() * m).sum((1, 2)),
+                                        (effects * m).sum((1, 2)), ((terms - effects).abs() * m).sum((1, 2))], dim=-1)
         scored_gap = gap.abs()[valid]
         self.check += torch.stack([
             m.sum(), (model_logit * m).sum(), (terms.sum(0) * m).sum(), scored_gap.sum(), torch.zeros(()),
@@ -231,13 +234,25 @@ def attribute(parts: list[Float[torch.Tensor, "batch pos d_model"]], h: Float[to
     scale = applied_scale(norm, h)[..., None]
     bias = getattr(real, "bias", None)
     constant = (direction * bias.double()).sum(-1) if bias is not None else torch.zeros(h.shape[:-1], dtype=h.dtype)
-    through = lambda x: (norm_forward(norm, x, weight_offset) * direction).sum(-1)
+    layernorm = norm_kind(norm) == "layernorm"
+    if real is norm and is_real_norm(norm):
+        # A plain norm: its output dotted with the direction is (x_c . (w * direction)) / s(x_c)
+        # (plus the bias term), one product per component instead of the norm's whole output.
+        weighted = (real.weight.double() + weight_offset) * direction
+        eps = norm_eps(real)
+
+        def through(x: torch.Tensor) -> torch.Tensor:
+            c = x - x.mean(dim=-1, keepdim=True) if layernorm else x
+            logit = (c * weighted).sum(-1) / (c.square().mean(dim=-1) + eps).sqrt()
+            return logit + constant if bias is not None else logit
+    else:
+        through = lambda x: (norm_forward(norm, x, weight_offset) * direction).sum(-1)
     full = through(h)
+    frozen = weight * direction / scale  # the direction through the norm with h's scale
     dla, direct = [], []
     for part in parts:
-        c = part.double()
-        if norm_kind(norm) == "layernorm":
-            c = c - c.mean(dim=-1, keepdim=True)
-        dla.append((c / scale * weight * direction).sum(-1))
-        direct.append(full - through(h - part.double()))
+        wide = part.double()
+        c = wide - wide.mean(dim=-1, keepdim=True) if layernorm else wide
+        dla.append((c * frozen).sum(-1))
+        direct.append(full - through(h - wide))
     return torch.stack(dla), torch.stack(direct), constant
