@@ -150,6 +150,8 @@ class HooksBackend:
             layers = adapter.layer_modules(model)
             for p in wanted:
                 site = adapter.site(p.kind)
+                if site is None:  # computed after the pass (`_derive_resid_mid`)
+                    continue
                 module = get_module(model if p.layer is None else layers[p.layer], site.module)
                 if site.reads == "input":
                     handles.append(module.register_forward_pre_hook(store_input(p), with_kwargs=True))
@@ -224,6 +226,8 @@ class NNsightBackend:
             layers = _envoy_module(envoy, adapter.layers)
             for p in _needed(loaded, wanted):
                 site = adapter.site(p.kind)
+                if site is None:
+                    continue
                 module = _envoy_module(envoy if p.layer is None else layers[p.layer], site.module)
                 if site.reads == "input":
                     saved[p] = module.input.save()
