@@ -97,14 +97,29 @@ def add_config_limit_arg(parser: argparse.ArgumentParser) -> None:
                              "also $LAYERSCOPE_MAX_CONFIG_PARAMS)")
 
 
-def _apply_config_limit(args) -> None:
+MAX_CONFIG_PARAMS_ENV = "LAYERSCOPE_MAX_CONFIG_PARAMS"  # zoo.MAX_CONFIG_PARAMS_ENV, without importing torch
+
+
+@contextlib.contextmanager
+def _config_limit(args):
+    """The loader, and the app's server process, read the limit from the environment; it
+    is set for the length of one command only, so that main() called again (from a
+    notebook or a test) does not inherit it."""
     limit = getattr(args, "max_config_params", None)
     if limit is None:
+        yield
         return
     if limit < 1:
         raise UserError(f"{MAX_CONFIG_PARAMS_FLAG} must be positive, got {limit}")
-    # The loader, and the app's server process, read the limit from the environment.
-    os.environ["LAYERSCOPE_MAX_CONFIG_PARAMS"] = str(limit)
+    before = os.environ.get(MAX_CONFIG_PARAMS_ENV)
+    os.environ[MAX_CONFIG_PARAMS_ENV] = str(limit)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MAX_CONFIG_PARAMS_ENV, None)
+        else:
+            os.environ[MAX_CONFIG_PARAMS_ENV] = before
 
 
 def set_threads(threads: int | None) -> None:
@@ -406,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         # Inside the try: Ctrl-C while the libraries import is still one line, not a traceback.
         _quiet_libraries()
         args = build_parser().parse_args(argv)
-        _apply_config_limit(args)
         try:
-            return COMMANDS[args.command](args)
+            with _config_limit(args):
+                return COMMANDS[args.command](args)
         finally:
             sys.stdout.flush()  # here, so that a reader gone away is caught below, not at exit
     except UserError as err:

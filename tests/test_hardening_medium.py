@@ -491,7 +491,8 @@ def test_a_config_inside_the_allowed_folders_is_accepted(tmp_path):
         checked_model_name(f"config:{link}", settings)
 
 
-def test_a_huge_config_is_refused_before_any_memory_is_taken(capsys, tmp_path):
+def test_a_huge_config_is_refused_before_any_memory_is_taken(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("LAYERSCOPE_MAX_CONFIG_PARAMS", raising=False)
     config = _config(tmp_path / "big", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128000)
     started = time.perf_counter()
@@ -509,6 +510,7 @@ def test_the_config_limit_can_be_lowered_and_raised(capsys, tmp_path, monkeypatc
     one_line_error(*cli(capsys, *argv)[::2], "above the limit of 1,000")
     code, out, err = cli(capsys, *argv, "--max-config-params", "10000000")
     assert code == 0, err
+    assert os.environ["LAYERSCOPE_MAX_CONFIG_PARAMS"] == "1000", "a flag holds for its own command only"
     one_line_error(*cli(capsys, *argv, "--max-config-params", "0")[::2], "must be positive")
     monkeypatch.setenv("LAYERSCOPE_MAX_CONFIG_PARAMS", "lots")
     one_line_error(*cli(capsys, *argv)[::2], "is not a number of parameters")
