@@ -20,7 +20,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from layerscope.analysis import store
 from layerscope.analysis.store import list_runs, save_run
