@@ -393,8 +393,13 @@ def test_ctrl_c_just_after_the_staging_folder_is_made_leaves_nothing(tmp_path, m
         return folder
 
     monkeypatch.setattr(store.tempfile, "mkdtemp", mkdtemp_then_interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        save_run({"toy": pd.DataFrame({"x": [1]})}, {"metric": "toy"}, tmp_path / "runs")
+    # A process started in the background inherits SIGINT ignored; Ctrl-C's usual handler here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_run({"toy": pd.DataFrame({"x": [1]})}, {"metric": "toy"}, tmp_path / "runs")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert made and not Path(made[0]).exists()
     assert list((tmp_path / "runs").iterdir()) == []
 
