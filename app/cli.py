@@ -13,8 +13,10 @@ def _interrupted_while_starting(signum, frame) -> None:
 
 
 # Ctrl-C before main() runs (the imports below) ends the command with one line, not a
-# traceback; main() hands Ctrl-C back to Python.  Only when this is the command itself.
-if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "layerscope":
+# traceback; main() hands Ctrl-C back to Python.  Only when this is the command itself,
+# and not when it was started with Ctrl-C ignored (in the background, under nohup).
+if ((__name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "layerscope")
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import argparse  # noqa: E402
