@@ -44,7 +44,7 @@ from typing import Iterator
 import pandas as pd
 
 from layerscope.probes.errors import UserError
-from layerscope.probes.files import _umask, publish_dir, safe_name, sync_dir
+from layerscope.probes.files import JSONFileError, _umask, publish_dir, read_json_capped, safe_name, sync_dir
 
 try:
     import fcntl
@@ -206,22 +206,12 @@ def validate_manifest(manifest) -> dict:
 def read_manifest(folder: Path) -> dict:
     """A run folder's manifest, parsed and checked against the schema (`validate_manifest`);
     a `ManifestError` with a one-line reason for anything else."""
-    path = Path(folder) / MANIFEST
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        manifest = read_json_capped(Path(folder) / MANIFEST, MAX_MANIFEST_BYTES)
     except OSError as err:
         raise ManifestError(err.strerror or str(err)) from None
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"larger than {MAX_MANIFEST_BYTES // 2**20} MiB")
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ManifestError(f"not UTF-8 (byte {err.start})") from None
-    except RecursionError:
-        raise ManifestError("nested too deeply to read") from None
-    except ValueError as err:
-        raise ManifestError(f"not valid JSON ({str(err).splitlines()[0]})") from None
+    except JSONFileError as err:
+        raise ManifestError(str(err)) from None
     return validate_manifest(manifest)
 
 

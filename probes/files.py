@@ -9,6 +9,7 @@ rename itself survives a power loss.  New files respect the umask.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -99,3 +100,27 @@ def build_dir_atomic(target: Path, build: Callable[[Path], None]) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class JSONFileError(ValueError):
+    """A file that is not a small JSON document; the message is the reason, such as
+    "not UTF-8 (byte 3)", to follow the file's name."""
+
+
+def read_json_capped(path: Path, max_bytes: int):
+    """The JSON document in `path`, read no further than `max_bytes`, so that a huge or
+    hostile file can never exhaust memory or the interpreter's stack.  OSError passes
+    through; anything else wrong is a `JSONFileError`."""
+    with open(path, "rb") as handle:
+        raw = handle.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise JSONFileError(f"larger than {max_bytes >> 20} MiB")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise JSONFileError(f"not UTF-8 (byte {err.start})") from None
+    except RecursionError:
+        raise JSONFileError("not valid JSON (nested too deeply to read)") from None
+    except ValueError as err:
+        raise JSONFileError(f"not valid JSON ({str(err).splitlines()[0]})") from None
+

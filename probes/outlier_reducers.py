@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 
 from layerscope.probes.backends import Activations, Point
@@ -23,6 +22,7 @@ from layerscope.probes.capture import Batch, PortableState, ProbeSpec, capture, 
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
+from layerscope.probes.replay import next_token_ce
 from layerscope.probes.reducers import Location, abs_of, beats, per_tensor, token_norms64
 from layerscope.probes.zoo import LoadedModel
 
@@ -145,11 +145,8 @@ class _LossState(PortableState):
         self.predictions = 0
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        logits = batch.logits[:, :-1]
-        targets = batch.input_ids[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
-        self.ce += ce.item()
-        self.predictions += targets.numel()
+        self.ce += next_token_ce(batch.logits.float(), batch.input_ids.to(batch.logits.device)).sum().item()
+        self.predictions += batch.input_ids[:, 1:].numel()
 
     def merge(self, other: "_LossState") -> None:
         self.ce += other.ce

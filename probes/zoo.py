@@ -36,7 +36,7 @@ from transformers import (
 
 from layerscope.probes.corpus import user_path
 from layerscope.probes.errors import UserError
-from layerscope.probes.files import build_dir_atomic
+from layerscope.probes.files import JSONFileError, build_dir_atomic, read_json_capped
 from layerscope.probes.families import FamilyAdapter, adapter_for
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -451,20 +451,13 @@ def _first_line(err: BaseException) -> str:
 def _read_config(config_file: Path) -> dict:
     """A config.json as a dict, or a UserError saying why it is not one."""
     try:
-        with open(config_file, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        config = read_json_capped(config_file, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise UserError(f"{config_file.parent} is not an HF model directory (no config.json)") from None
     except OSError as err:
         raise UserError(f"{config_file} cannot be read: {err.strerror or err}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise UserError(f"{config_file} is larger than {MAX_CONFIG_BYTES >> 20} MiB; it is not a model config")
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(f"{config_file} is not UTF-8 (byte {err.start})") from None
-    except (ValueError, RecursionError) as err:
-        raise UserError(f"{config_file} is not valid JSON ({_first_line(err)})") from None
+    except JSONFileError as err:
+        raise UserError(f"{config_file} is {err}; it is not a model config") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_file} holds a JSON {type(config).__name__}, not an object of settings")
     return config

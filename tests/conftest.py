@@ -53,3 +53,13 @@ def token_batch():
     ids = torch.randint(0, 256, (2, 16), generator=generator)
     ids[:, 0] = 256
     return ids
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    """tiny-llama saved as a local HF folder, for the loading tests."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama-saved"
+    loaded = load_model("tiny-llama")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder

@@ -52,14 +52,6 @@ def refused(capsys, *argv, message=""):
     return err
 
 
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama-saved"
-    loaded = load_model("tiny-llama")
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
-
 
 def copy_of(saved: Path, target: Path) -> Path:
     shutil.copytree(saved, target)

@@ -364,14 +364,6 @@ def test_a_killed_writer_on_this_host_is_interrupted_even_if_its_pid_comes_back(
 
 # ---------------------------------------------------------------- 6 and 7: weights
 
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama-saved"
-    loaded = load_model("tiny-llama")
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
-
 
 def variant(saved: Path, tmp_path: Path, edit) -> Path:
     folder = tmp_path / "variant"
