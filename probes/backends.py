@@ -102,6 +102,17 @@ def execution_order(p: Point) -> tuple:
     return (p.layer, LAYER_KINDS.index(p.kind))
 
 
+SUBLAYER_KINDS = ("attn_out", "mlp_out")
+
+
+def per_token(value: torch.Tensor, tokens: tuple[int, int] | None) -> torch.Tensor:
+    """An activation as [batch pos ...]: some blocks run their MLP on the tokens flattened
+    to [batch*pos d] (OPT)."""
+    if tokens is not None and value.ndim == 2 and value.shape[0] == tokens[0] * tokens[1]:
+        return value.view(*tokens, value.shape[-1])
+    return value
+
+
 def _logits(loaded: LoadedModel, output) -> torch.Tensor | None:
     return output.logits if loaded.adapter.causal else None
 
@@ -119,25 +130,31 @@ class HooksBackend:
         # Derived points, and the points they are computed from, wait for the end of the pass.
         waiting = {q for p in wanted if _is_derived(loaded, p) for q in (p, *_derivation_sources(p))}
         streamed = {p: consume for p, consume in (stream or {}).items() if p in wanted and p not in waiting}
-        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), self.hooks(loaded, needed, acts, streamed):
+        hooks = self.hooks(loaded, needed, acts, streamed, tokens=tuple(input_ids.shape[:2]))
+        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), hooks:
             output = loaded.model(input_ids.to(loaded.input_device))
         _derive_resid_mid(loaded, acts, wanted)
         return _logits(loaded, output), {p: acts[p] for p in wanted if p not in streamed}
 
     @contextlib.contextmanager
     def hooks(self, loaded: LoadedModel, wanted: list[Point], sink: Activations,
-              stream: Stream | None = None) -> Iterator[None]:
+              stream: Stream | None = None, tokens: tuple[int, int] | None = None) -> Iterator[None]:
         adapter, model = loaded.adapter, loaded.model
         handles = []
         stream = stream or {}
 
         def keep(point, value):
+            value = per_token(value, tokens)
             if point in stream:
                 stream[point](value)
             else:
                 sink[point] = value
 
         def store_output(point, item):
+            if point.kind in SUBLAYER_KINDS:
+                # Some blocks add to a sublayer's output in place after it returns (Falcon's
+                # parallel MLP), so what is read here is copied.
+                return lambda module, args, output: keep(point, output_item(output, item).detach().clone())
             return lambda module, args, output: keep(point, output_item(output, item).detach())
 
         def store_input(point):
@@ -189,11 +206,14 @@ class TransformerLensBackend:
         bridge = self.bridge(loaded)
         names = {}
         for p in _needed(loaded, wanted):
+            if _is_derived(loaded, p):
+                continue
             template = "ln_final.hook_out" if p.layer is None else loaded.adapter.tl_hooks[p.kind]
             names[template.format(layer=p.layer)] = p
         with torch.no_grad():
             logits, cache = bridge.run_with_cache(input_ids.to(loaded.input_device), names_filter=lambda n: n in names)
-        acts = {p: output_item(cache[name]).detach() for name, p in names.items()}
+        tokens = tuple(input_ids.shape[:2])
+        acts = {p: per_token(output_item(cache[name]).detach(), tokens) for name, p in names.items()}
         _derive_resid_mid(loaded, acts, wanted)
         return (logits if loaded.adapter.causal else None), {p: acts[p] for p in wanted}
 
@@ -233,11 +253,14 @@ class NNsightBackend:
                     saved[p] = module.input.save()
                 elif site.item:
                     saved[p] = module.output[site.item].save()
+                elif p.kind in SUBLAYER_KINDS:  # copied for the reason the hooks backend gives
+                    saved[p] = output_item(module.output).clone().save()
                 else:
                     saved[p] = module.output.save()
             if adapter.causal:
                 logits = envoy.output.logits.save()
-        acts = {p: output_item(v).detach() for p, v in saved.items()}
+        tokens = tuple(input_ids.shape[:2])
+        acts = {p: per_token(output_item(v).detach(), tokens) for p, v in saved.items()}
         _derive_resid_mid(loaded, acts, wanted)
         return logits, {p: acts[p] for p in wanted}
 

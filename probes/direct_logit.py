@@ -109,9 +109,9 @@ class DirectLogitAttribution:
         if not adapter.causal or adapter.unembed is None or adapter.final_norm is None:
             raise UserError(f"DLA needs a causal model with a final norm and an unembedding; "
                             f"{loaded.spec.name} ({adapter.name}) has not")
-        if adapter.placement != "pre":
-            raise UserError(f"DLA needs a Pre-LN model, whose final residual is the sum of its components; "
-                            f"{loaded.spec.name} is {adapter.placement}-LN")
+        if adapter.placement == "post":
+            raise UserError(f"DLA needs a model whose final residual is the sum of its components (Pre-LN, "
+                            f"Peri-LN, parallel); {loaded.spec.name} is Post-LN")
         return _DLAState(loaded, resolve_token(loaded, self.token))
 
 

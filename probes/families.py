@@ -7,7 +7,7 @@ root, the per-layer ones from a layer module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from layerscope.probes.errors import UserError
 
 NormKind = Literal["layernorm", "rmsnorm"]
-NormPlacement = Literal["pre", "post", "peri", "mix"]
+NormPlacement = Literal["pre", "post", "peri", "sublayer-post", "parallel", "mix"]
 
 DEFAULT_TL_HOOKS = {
     "resid_pre": "blocks.{layer}.hook_in",
@@ -48,21 +48,27 @@ class FamilyAdapter:
     layers: str
     attn: str
     mlp: str
-    ln1: str
-    ln2: str
-    down_proj: str
+    ln1: str | None
+    ln2: str | None
+    down_proj: str | None
     final_norm: str | None
     unembed: str | None
     embed: str
     norm_kind: NormKind
     placement: NormPlacement
     causal: bool = True
-    # Where resid_mid is read: the pre-MLP norm's input (sequential Pre-LN), or the
-    # output of a module (Post-LN, where the norm sits after the residual add), or
-    # resid_pre + attn_out (parallel blocks, where both sublayers read resid_pre).
-    resid_mid_from: Literal["ln2_input", "module_output", "derived"] = "ln2_input"
+    # Where resid_mid is read: the pre-MLP norm's input (sequential Pre-LN), the output of
+    # a module (Post-LN, where the norm sits after the residual add), the input of a module
+    # (the MLP of a block with no pre-MLP norm), or resid_pre + attn_out (parallel blocks,
+    # where both sublayers read resid_pre).
+    resid_mid_from: Literal["ln2_input", "module_output", "module_input", "derived"] = "ln2_input"
     resid_mid_module: str | None = None
-    # Pure sublayer contributions for Post-LN blocks, before the residual add and norm.
+    # Norms on the sublayer outputs (Peri-LN, OLMo 2), inside the residual.
+    ln1_post: str | None = None
+    ln2_post: str | None = None
+    # What each sublayer adds to the residual, where that is not the sublayer module's own
+    # output: the post-sublayer norm's output (Peri-LN), or the output projection's output
+    # before the residual add and norm (Post-LN).
     attn_out_module: str | None = None
     mlp_out_module: str | None = None
     # GPT-2's Conv1D stores weights as [in, out]; nn.Linear as [out, in].
@@ -80,9 +86,13 @@ class FamilyAdapter:
         """The site table: where each point kind is read in this family; None for a point
         computed after the pass (resid_mid of parallel blocks, resid_pre + attn_out)."""
         if kind == "resid_mid":
-            return {"ln2_input": Site(self.ln2, "input"),
+            return {"ln2_input": Site(self.ln2 or "", "input"),
                     "module_output": Site(self.resid_mid_module or "", "output"),
+                    "module_input": Site(self.resid_mid_module or "", "input"),
                     "derived": None}[self.resid_mid_from]
+        if kind == "mlp_act" and self.down_proj is None:
+            raise UserError(f"{self.name} has no single MLP down-projection (a mixture-of-experts MLP), "
+                            "so its mlp_act point and super weights are not defined")
         return {
             "resid_pre": Site("", "input"),
             "resid_post": Site("", "output"),
@@ -100,9 +110,14 @@ class FamilyAdapter:
         return get_module(self.layer_modules(model)[layer], path)
 
     def norm_paths(self, n_layers: int) -> list[tuple[str, str]]:
-        """(role, full path) of every norm: pre-MLP norms, pre-attention norms, final."""
-        out = [(f"ln2[{l}]", f"{self.layers}.{l}.{self.ln2}") for l in range(n_layers)]
-        out += [(f"ln1[{l}]", f"{self.layers}.{l}.{self.ln1}") for l in range(n_layers)]
+        """(role, full path) of every block norm and the final norm: the MLP's norms (pre,
+        then post), the attention's norms (pre, then post), then the final norm.  A parallel
+        block whose two sublayers share one norm lists it once, as `ln1`."""
+        out = []
+        for role in ("ln2", "ln2_post", "ln1", "ln1_post"):
+            path = getattr(self, role)
+            if path and (role != "ln2" or path != self.ln1):
+                out += [(f"{role}[{l}]", f"{self.layers}.{l}.{path}") for l in range(n_layers)]
         if self.final_norm:
             out.append(("final_norm", self.final_norm))
         return out
@@ -127,112 +142,20 @@ def with_first_output(output, value):
     return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
-_LLAMA_LIKE = dict(
-    layers="model.layers",
-    attn="self_attn",
-    mlp="mlp",
-    ln1="input_layernorm",
-    ln2="post_attention_layernorm",
-    down_proj="mlp.down_proj",
-    final_norm="model.norm",
-    unembed="lm_head",
-    embed="model.embed_tokens",
-    norm_kind="rmsnorm",
-    placement="pre",
-    attn_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    up_projections=("mlp.up_proj", "mlp.gate_proj"),
-)
+# Architectures whose adapter the user declared (`declare_adapter`), by HF class name.
+DECLARED: dict[str, FamilyAdapter] = {}
 
-FAMILIES: dict[str, FamilyAdapter] = {
-    a.name: a
-    for a in [
-        FamilyAdapter(name="llama", model_types=("llama",), **_LLAMA_LIKE),
-        FamilyAdapter(name="qwen2", model_types=("qwen2",), **_LLAMA_LIKE),
-        FamilyAdapter(name="mistral", model_types=("mistral",), **_LLAMA_LIKE),
-        FamilyAdapter(name="gemma", model_types=("gemma",), norm_weight_offset=1.0, **_LLAMA_LIKE),
-        FamilyAdapter(
-            name="gpt2",
-            model_types=("gpt2",),
-            layers="transformer.h",
-            attn="attn",
-            mlp="mlp",
-            ln1="ln_1",
-            ln2="ln_2",
-            down_proj="mlp.c_proj",
-            final_norm="transformer.ln_f",
-            unembed="lm_head",
-            embed="transformer.wte",
-            norm_kind="layernorm",
-            placement="pre",
-            down_proj_transposed=True,
-            attn_projections=("attn.c_attn",),
-            qkv_layout="concat",
-            up_projections=("mlp.c_fc",),
-        ),
-        FamilyAdapter(
-            name="gpt-neox",
-            model_types=("gpt_neox",),
-            layers="gpt_neox.layers",
-            attn="attention",
-            mlp="mlp",
-            ln1="input_layernorm",
-            ln2="post_attention_layernorm",
-            down_proj="mlp.dense_4h_to_h",
-            final_norm="gpt_neox.final_layer_norm",
-            unembed="lm_head",
-            embed="gpt_neox.embed_in",
-            norm_kind="layernorm",
-            placement="pre",
-            attn_projections=("attention.query_key_value",),
-            qkv_layout="per_head",
-            up_projections=("mlp.dense_h_to_4h",),
-        ),
-        FamilyAdapter(
-            name="bert",
-            model_types=("bert",),
-            layers="bert.encoder.layer",
-            attn="attention",
-            mlp="output",
-            ln1="attention.output.LayerNorm",
-            ln2="output.LayerNorm",
-            down_proj="output.dense",
-            final_norm=None,
-            unembed=None,
-            embed="bert.embeddings.word_embeddings",
-            norm_kind="layernorm",
-            placement="post",
-            causal=False,
-            resid_mid_from="module_output",
-            resid_mid_module="attention",
-            attn_out_module="attention.output.dense",
-            mlp_out_module="output.dense",
-            attn_projections=("attention.self.query", "attention.self.key", "attention.self.value"),
-            up_projections=("intermediate.dense",),
-            tl_hooks={
-                "resid_pre": "blocks.{layer}.hook_in",
-                "resid_mid": "blocks.{layer}.attn.hook_out",
-                "resid_post": "blocks.{layer}.hook_out",
-                "attn_out": "blocks.{layer}.attn.o.hook_out",
-                "mlp_out": "blocks.{layer}.mlp.out.hook_out",
-                "attn_pattern": "blocks.{layer}.attn.hook_pattern",
-                "mlp_act": "blocks.{layer}.mlp.out.hook_in",
-            },
-        ),
-    ]
-}
+
+def declare_adapter(architecture: str, adapter: FamilyAdapter) -> None:
+    """Use `adapter` for every model of the HF class `architecture`, instead of deriving one
+    from TransformerLens' mapping (for an architecture it lacks or maps wrongly)."""
+    DECLARED[architecture] = adapter
 
 
 def adapter_for(model: torch.nn.Module) -> FamilyAdapter:
-    """The adapter for an HF model, by its config's `model_type`."""
-    model_type = getattr(model.config, "model_type", None)
-    for adapter in FAMILIES.values():
-        if model_type in adapter.model_types:
-            if adapter.name == "gpt-neox" and getattr(model.config, "use_parallel_residual", False):
-                return _parallel_neox()
-            return adapter
-    known = ", ".join(sorted(t for a in FAMILIES.values() for t in a.model_types))
-    raise UserError(f"model_type {model_type!r} has no family adapter (known: {known})")
+    """The adapter for an HF model: a declared one, else one derived from TransformerLens'
+    component mapping of its architecture (`probes.architectures`)."""
+    from layerscope.probes.architectures import architecture_of, derive_adapter
 
-
-def _parallel_neox() -> FamilyAdapter:
-    return replace(FAMILIES["gpt-neox"], name="gpt-neox-parallel", resid_mid_from="derived")
+    declared = DECLARED.get(architecture_of(model))
+    return declared if declared is not None else derive_adapter(model)

@@ -74,8 +74,8 @@ def projection_inputs(loaded: LoadedModel) -> tuple[tuple[str, ...], Callable, C
     kinds = ("resid_pre",) if parallel else ("resid_pre", "resid_mid")
 
     @torch.no_grad()
-    def normed(norm_path: str, x: torch.Tensor, layer: int) -> torch.Tensor:
-        if adapter.placement == "post":
+    def normed(norm_path: str | None, x: torch.Tensor, layer: int) -> torch.Tensor:
+        if adapter.placement == "post" or norm_path is None:
             return x
         norm = get_module(blocks[layer], norm_path)
         # Shared by the reducers that read the same projection input in one pass.
@@ -84,8 +84,11 @@ def projection_inputs(loaded: LoadedModel) -> tuple[tuple[str, ...], Callable, C
     def attn_in(acts: Activations, layer: int) -> torch.Tensor:
         return normed(adapter.ln1, acts[Point("resid_pre", layer)], layer)
 
+    # A parallel block with one norm (GPT-J, Falcon, Phi) feeds both sublayers from it.
+    mlp_norm = adapter.ln2 or (adapter.ln1 if parallel else None)
+
     def mlp_in(acts: Activations, layer: int) -> torch.Tensor:
-        return normed(adapter.ln2, acts[Point(kinds[-1], layer)], layer)
+        return normed(mlp_norm, acts[Point(kinds[-1], layer)], layer)
 
     return kinds, attn_in, mlp_in
 
@@ -107,8 +110,8 @@ def value_vectors(loaded: LoadedModel) -> Callable:
         b, t = out.shape[:2]
         if adapter.qkv_layout == "separate":
             return out.view(b, t, n_kv, d_head)
-        if adapter.qkv_layout == "concat":
-            return out[..., 2 * n_heads * d_head:].reshape(b, t, n_heads, d_head)
+        if adapter.qkv_layout == "concat":  # [q | k | v], the value rows last
+            return out[..., -n_kv * d_head:].reshape(b, t, n_kv, d_head)
         return out.view(b, t, n_heads, 3 * d_head)[..., 2 * d_head:]
 
     return values

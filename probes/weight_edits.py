@@ -45,14 +45,15 @@ def zeroed_down_proj_weights(loaded: LoadedModel, coords: list[tuple[int, int, i
                 matrix[row, col] = value
 
 
-def reading_norm_weights(loaded: LoadedModel) -> list[tuple[str, Float[torch.Tensor, "d_model"] | None]]:
+def reading_norm_weights(loaded: LoadedModel) -> list[tuple[str | None, Float[torch.Tensor, "d_model"] | None]]:
     """Per block output, the path and effective weight (with the family's offset) of the norm
     that reads it (Pre-LN) or wrote it (Post-LN); None where that norm has no weight."""
     adapter, n = loaded.adapter, loaded.n_layers
     if adapter.placement == "post":
         paths = [f"{adapter.layers}.{l}.{adapter.ln2}" for l in range(n)]
-    else:
-        paths = [f"{adapter.layers}.{l + 1}.{adapter.ln1}" for l in range(n - 1)] + [adapter.final_norm]
+    else:  # a block with no pre-attention norm (OLMo 2) has no norm reading its input
+        paths = [f"{adapter.layers}.{l + 1}.{adapter.ln1}" if adapter.ln1 else None
+                 for l in range(n - 1)] + [adapter.final_norm]
     out = []
     for path in paths:
         weight = getattr(get_module(loaded.model, path), "weight", None) if path else None

