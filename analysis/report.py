@@ -144,3 +144,16 @@ def write_report(run_id: str, output: Path | str, root: Path | str = DEFAULT_ROO
     """Write the report of a stored run to `output`; returns the number of figures."""
     manifest, tables = load_run(run_id, root)
     return save_report(manifest, tables, output)
+
+
+def figures_page(title: str, findings: list[str], figures: list[go.Figure], tables: Tables) -> str:
+    """A self-contained HTML page of findings, figures and tables that belong to no one run
+    (a comparison of several models)."""
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings) + "</ul>"]
+    parts += [figure.to_html(full_html=False, include_plotlyjs=i == 0, config=PLOT_CONFIG)
+              for i, figure in enumerate(figures)]
+    parts += [f"<section><h2>{html.escape(name)}</h2>{table.to_html(index=False, float_format='{:.4g}'.format)}"
+              "</section>" for name, table in tables.items()]
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")

