@@ -20,7 +20,9 @@ from layerscope.analysis.metric import Metric, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
-from layerscope.probes.replay import greedy_removal, mean_ce
+from layerscope.probes.interventions import skip_blocks
+from layerscope.probes.outlier_reducers import mean_loss
+from layerscope.probes.replay import greedy_removal
 from layerscope.probes.zoo import LoadedModel
 
 DEFAULT_MAX_REMOVED = 4
@@ -48,6 +50,12 @@ def probe(options: PruneCurveOptions, loaded: LoadedModel) -> ProbeSpec:
     if options.eval_tokens < 1:
         raise UserError(f"--eval-tokens must be positive, got {options.eval_tokens}")
     return block_influence_probe(BlockInfluenceOptions(), loaded)
+
+
+def mean_ce(loaded: LoadedModel, windows: TokenWindows, removed: list[int] = ()) -> float:
+    """Mean next-token cross-entropy over the windows with the `removed` blocks skipped."""
+    with skip_blocks(loaded, removed):
+        return mean_loss(loaded, windows)
 
 
 def replay(loaded: LoadedModel, windows: TokenWindows, options: PruneCurveOptions, captured: Capture,

@@ -7,6 +7,10 @@ logits with one tensor per point, in the same vocabulary whatever the family:
     mlp_act[l]    (the down-projection input)                            [batch pos d_mlp]
     attn_pattern[l]                                                      [batch head pos pos]
     final_norm    (the final norm's output, what the unembedding reads)  [batch pos d_model]
+
+A pass asked for no logits stops once the last point asked for is read: no later block,
+final norm or unembedding runs (the unembedding of a small model is about a fifth of its
+forward).
 """
 
 from __future__ import annotations
@@ -63,8 +67,10 @@ class Backend(Protocol):
     name: str
 
     def run(self, loaded: LoadedModel, input_ids: Int[torch.Tensor, "batch pos"], wanted: list[Point],
-            stream: Stream | None = None) -> tuple[Float[torch.Tensor, "batch pos vocab"] | None, Activations]:
-        """One forward pass; the logits (None for encoders) and the activations asked for.
+            stream: Stream | None = None, logits: bool = True
+            ) -> tuple[Float[torch.Tensor, "batch pos vocab"] | None, Activations]:
+        """One forward pass; the logits (None for encoders, or when `logits` is false) and the
+        activations asked for.  Without `logits` the pass stops after the last point asked for.
 
         A backend that can hands each point of `stream` to its consumer during the pass
         and leaves it out of the returned activations; one that cannot returns it as usual."""
@@ -114,7 +120,17 @@ def per_token(value: torch.Tensor, tokens: tuple[int, int] | None) -> torch.Tens
 
 
 def _logits(loaded: LoadedModel, output) -> torch.Tensor | None:
-    return output.logits if loaded.adapter.causal else None
+    return output.logits if loaded.adapter.causal and output is not None else None
+
+
+class StopForward(Exception):
+    """Raised from a hook once a pass has produced everything asked of it, to end the
+    forward there; whoever ran the forward catches it."""
+
+
+def _hooked(loaded: LoadedModel, needed: list[Point]) -> set[Point]:
+    """The points a hook reads (a derived point is computed after the pass)."""
+    return {p for p in needed if loaded.adapter.site(p.kind) is not None}
 
 
 # ---------------------------------------------------------------- plain torch hooks
@@ -124,24 +140,34 @@ class HooksBackend:
 
     name = "hooks"
 
-    def run(self, loaded, input_ids, wanted, stream=None):
+    def run(self, loaded, input_ids, wanted, stream=None, logits=True):
         acts: Activations = {}
         needed = _needed(loaded, wanted)
         # Derived points, and the points they are computed from, wait for the end of the pass.
         waiting = {q for p in wanted if _is_derived(loaded, p) for q in (p, *_derivation_sources(p))}
         streamed = {p: consume for p, consume in (stream or {}).items() if p in wanted and p not in waiting}
-        hooks = self.hooks(loaded, needed, acts, streamed, tokens=tuple(input_ids.shape[:2]))
-        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), hooks:
-            output = loaded.model(input_ids.to(loaded.input_device))
+        output = None
+        stop_after = None if logits else _hooked(loaded, needed)
+        if stop_after != set():
+            hooks = self.hooks(loaded, needed, acts, streamed, tokens=tuple(input_ids.shape[:2]), stop_after=stop_after)
+            with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), hooks:
+                try:
+                    output = loaded.model(input_ids.to(loaded.input_device))
+                except StopForward:
+                    pass
         _derive_resid_mid(loaded, acts, wanted)
-        return _logits(loaded, output), {p: acts[p] for p in wanted if p not in streamed}
+        return (_logits(loaded, output) if logits else None), {p: acts[p] for p in wanted if p not in streamed}
 
     @contextlib.contextmanager
     def hooks(self, loaded: LoadedModel, wanted: list[Point], sink: Activations,
-              stream: Stream | None = None, tokens: tuple[int, int] | None = None) -> Iterator[None]:
+              stream: Stream | None = None, tokens: tuple[int, int] | None = None,
+              stop_after: set[Point] | None = None) -> Iterator[None]:
+        """Hooks that put each point's tensor in `sink` (or hand it to its `stream` consumer);
+        with `stop_after`, the hook that completes those points ends the forward (`StopForward`)."""
         adapter, model = loaded.adapter, loaded.model
         handles = []
         stream = stream or {}
+        missing = set(stop_after or ())
 
         def keep(point, value):
             value = per_token(value, tokens)
@@ -149,6 +175,10 @@ class HooksBackend:
                 stream[point](value)
             else:
                 sink[point] = value
+            if stop_after:
+                missing.discard(point)
+                if not missing:
+                    raise StopForward
 
         def store_output(point, item):
             if point.kind in SUBLAYER_KINDS:
@@ -202,20 +232,52 @@ class TransformerLensBackend:
                 tokenizer=loaded.tokenizer)
         return self._bridges[key]
 
-    def run(self, loaded, input_ids, wanted, stream=None):
+    def run(self, loaded, input_ids, wanted, stream=None, logits=True):
         bridge = self.bridge(loaded)
+        needed = _needed(loaded, wanted)
         names = {}
-        for p in _needed(loaded, wanted):
+        for p in needed:
             if _is_derived(loaded, p):
                 continue
             template = "ln_final.hook_out" if p.layer is None else loaded.adapter.tl_hooks[p.kind]
             names[template.format(layer=p.layer)] = p
-        with torch.no_grad():
-            logits, cache = bridge.run_with_cache(input_ids.to(loaded.input_device), names_filter=lambda n: n in names)
+        # `stop_at_layer` ends the pass at the input of a block.  Past the last block, a
+        # pre-hook raises the bridge's own stop before the final norm (or, when its output
+        # is read, before the unembedding), which `run_with_cache` catches the same way.
+        last = max(needed, key=execution_order) if needed else None
+        stop_layer = stop_before = None
+        if not logits and last is not None:
+            if last.layer is None:
+                stop_before = "unembed"
+            elif last.layer + 1 < loaded.n_layers:
+                stop_layer = last.layer + 1
+            else:
+                stop_before = "ln_final"
+        with torch.no_grad(), _raise_before(getattr(bridge, stop_before, None) if stop_before else None):
+            out, cache = bridge.run_with_cache(input_ids.to(loaded.input_device), names_filter=lambda n: n in names,
+                                               stop_at_layer=stop_layer)
         tokens = tuple(input_ids.shape[:2])
         acts = {p: per_token(output_item(cache[name]).detach(), tokens) for name, p in names.items()}
         _derive_resid_mid(loaded, acts, wanted)
-        return (logits if loaded.adapter.causal else None), {p: acts[p] for p in wanted}
+        return (out if loaded.adapter.causal and logits else None), {p: acts[p] for p in wanted}
+
+
+@contextlib.contextmanager
+def _raise_before(module: torch.nn.Module | None) -> Iterator[None]:
+    """While open, calling `module` raises TransformerLens' stop (nothing when it is None)."""
+    if not isinstance(module, torch.nn.Module):
+        yield
+        return
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    def stop(module, args):
+        raise StopAtLayerException(args[0] if args else None)
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------- nnsight
@@ -237,12 +299,13 @@ class NNsightBackend:
             self._wrapped[key] = TransformersModel(loaded.model, tokenizer=loaded.tokenizer, task=task)
         return self._wrapped[key]
 
-    def run(self, loaded, input_ids, wanted, stream=None):
+    def run(self, loaded, input_ids, wanted, stream=None, logits=True):
         envoy = self.wrapped(loaded)
         adapter = loaded.adapter
         saved = {}
-        logits = None
-        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), envoy.trace(input_ids.to(loaded.input_device)):
+        want_logits, logits = logits, None
+        with torch.no_grad(), loaded.eager_attention(needs_patterns(wanted)), \
+                envoy.trace(input_ids.to(loaded.input_device)) as tracer:
             layers = _envoy_module(envoy, adapter.layers)
             for p in _needed(loaded, wanted):
                 site = adapter.site(p.kind)
@@ -257,7 +320,10 @@ class NNsightBackend:
                     saved[p] = output_item(module.output).clone().save()
                 else:
                     saved[p] = module.output.save()
-            if adapter.causal:
+            if not want_logits:
+                # Reads follow execution order, so the last read is where the pass may end.
+                tracer.stop()
+            elif adapter.causal:
                 logits = envoy.output.logits.save()
         tokens = tuple(input_ids.shape[:2])
         acts = {p: per_token(output_item(v).detach(), tokens) for p, v in saved.items()}

@@ -93,7 +93,10 @@ class Reducer(Protocol):
 
     A reducer with `pointwise = True` takes its points one at a time, as soon as each is
     produced (its state's `update` gets one point and a batch without logits), so that a
-    backend able to stream need not keep the batch's activations."""
+    backend able to stream need not keep the batch's activations.
+
+    Only a reducer with `needs_logits = True` finds the model's logits in `Batch.logits`;
+    a pass none of whose reducers needs them stops after the last point any reads."""
 
     name: str
 
@@ -190,6 +193,11 @@ def _pointwise_consumers(spec: ProbeSpec, reads: dict[str, list[Point]], states:
             if all(getattr(r, "pointwise", False) for r in rs)}
 
 
+def needs_logits(spec: ProbeSpec) -> bool:
+    """Whether any of the spec's reducers reads the model's logits."""
+    return any(getattr(r, "needs_logits", False) for r in spec.reducers)
+
+
 def _fold_point(consumers: list, point: Point, batch: Batch, x: torch.Tensor) -> None:
     for state in consumers:
         state.update({point: x}, batch)
@@ -215,13 +223,14 @@ def fold(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: s
     bar = tqdm(windows, total=len(windows), disable=not progress, unit="batch",
                desc=f"{loaded.spec.name} x {windows.n_tokens} tokens")
     stream_to = _pointwise_consumers(spec, reads, states)
+    logits = needs_logits(spec)
     with loaded.eager_attention(needs_patterns(wanted)):
         for input_ids, rows in zip(bar, window_index.split(windows.spec.batch_size)):
             if not len(rows):  # a rank's shard may be empty
                 continue
             batch = Batch(input_ids, None, rows)
             stream = {p: functools.partial(_fold_point, consumers, p, batch) for p, consumers in stream_to.items()}
-            batch.logits, acts = runner.run(loaded, input_ids, wanted, stream=stream)
+            batch.logits, acts = runner.run(loaded, input_ids, wanted, stream=stream, logits=logits)
             for reducer in spec.reducers:
                 # What a backend could not stream reaches pointwise reducers here, after the pass.
                 given = {p: acts[p] for p in reads[reducer.name] if p in acts}
@@ -294,7 +303,7 @@ def activations(model: LoadedModel, corpus, points: list[str | Point], backend: 
     parts: dict[Point, list[torch.Tensor]] = {p: [] for p in wanted}
     with model.eager_attention(needs_patterns(wanted)):
         for input_ids in windows:
-            _, acts = runner.run(model, input_ids, wanted)
+            _, acts = runner.run(model, input_ids, wanted, logits=False)
             for p in wanted:
                 parts[p].append(acts[p])
     return {str(p): torch.cat(parts[p]) for p in wanted}

@@ -98,6 +98,8 @@ class DirectLogitAttribution:
 
     token: str = "next"
     name: str = "dla"
+    # Checks that the attributions sum to the model's own logit.
+    needs_logits = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         last = loaded.n_layers - 1

@@ -22,7 +22,7 @@ from layerscope.probes.capture import Batch, PortableState, ProbeSpec, capture, 
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
-from layerscope.probes.replay import next_token_ce
+from layerscope.probes.replay import next_token_rows, score_tokens
 from layerscope.probes.reducers import Location, abs_of, beats, per_tensor, token_norms64
 from layerscope.probes.zoo import LoadedModel
 
@@ -129,26 +129,33 @@ class LossResult:
 
 @dataclass(frozen=True)
 class NextTokenLoss:
-    """Summed cross-entropy of every next-token prediction inside the windows."""
+    """Summed cross-entropy of every next-token prediction inside the windows, unembedded
+    here in chunks of positions from the final norm's output as the pass produced it (so
+    any intervention on the model is seen), without the model's full logits."""
 
     name: str = "loss"
 
     def points(self, loaded: LoadedModel) -> list[Point]:
-        return []
+        return [Point("final_norm")]
 
     def start(self, loaded: LoadedModel) -> "_LossState":
         if not loaded.adapter.causal:
             raise UserError(f"a loss needs a causal language model; {loaded.spec.name} is an encoder")
-        return _LossState()
+        return _LossState(loaded)
 
 
 class _LossState(PortableState):
-    def __init__(self):
+    model_bound = ("loaded",)
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
         self.ce = torch.zeros((), dtype=torch.float64)
         self.predictions = 0
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        self.ce += next_token_ce(batch.logits.float(), batch.input_ids.to(batch.logits.device)).sum().item()
+        normed = acts[Point("final_norm")]
+        targets = batch.input_ids[:, 1:].reshape(-1).to(normed.device)
+        self.ce += score_tokens(self.loaded, next_token_rows(normed)[None], targets).ce.double().sum().cpu()
         self.predictions += batch.input_ids[:, 1:].numel()
 
     def merge(self, other: "_LossState") -> None:

@@ -432,9 +432,13 @@ class LogitLensResult:
 @dataclass(frozen=True)
 class LogitLens:
     """Per layer, token sums of the next-token cross-entropy and top-1 accuracy of
-    `unembed(final_norm(resid_post[l]))`, and its KL from the model's final distribution;
-    plus, for the corpus's first window, each layer's top token and its probability at
-    every position (nostalgebraist 2020, "interpreting GPT: the logit lens")."""
+    `unembed(final_norm(resid_post[l]))`, and its KL from the model's final distribution
+    (the same read of the last block's output); plus, for the corpus's first window, each
+    layer's top token and its probability at every position (nostalgebraist 2020,
+    "interpreting GPT: the logit lens").
+
+    The lens reads no logits of the pass: every layer, the last included, is unembedded
+    here, all layers' chunks of positions in one matmul."""
 
     name: str = "logit_lens"
 
@@ -456,23 +460,23 @@ class _LensState(PortableState):
         self.grid: LensGrid | None = None
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        from layerscope.probes.replay import Reference, compare_to_reference, unembed
+        from layerscope.probes.replay import final_normed, next_token_targets, score_tokens
 
-        targets = batch.input_ids[:, 1:]
-        final = Reference.of(batch.logits, batch.input_ids)
+        resid = torch.stack([acts[Point("resid_post", layer)] for layer in range(self.n_layers)])
+        normed = final_normed(self.loaded, resid).flatten(1, 2)
+        targets = next_token_targets(batch.input_ids).to(normed.device)
+        scores = score_tokens(self.loaded, normed, targets, reference=self.n_layers - 1)
+        has_target = targets >= 0
+        self.sums[:, 0] += scores.ce.double().sum(dim=-1).cpu()
+        self.sums[:, 1] += ((scores.top == targets) & has_target).sum(dim=-1).cpu()
+        self.sums[:, 2] += (scores.kl * has_target).double().sum(dim=-1).cpu()
         row = batch.first_row
-        top_ids, top_probs = [], []
-        for layer in range(self.n_layers):
-            logits = unembed(self.loaded, acts[Point("resid_post", layer)])
-            compared = compare_to_reference(logits, final)
-            self.sums[layer] += torch.tensor([compared["ce"], compared["correct"], compared["kl"]], dtype=torch.float64)
-            if row is not None:
-                prob, token = torch.softmax(logits[row], dim=-1).max(dim=-1)
-                top_ids.append(token)
-                top_probs.append(prob)
         if row is not None:
-            self.grid = LensGrid(batch.input_ids[row], torch.stack(top_ids), torch.stack(top_probs))
-        self.tokens += targets.numel()
+            width = batch.input_ids.shape[1]
+            window = slice(row * width, (row + 1) * width)
+            self.grid = LensGrid(batch.input_ids[row], scores.top[:, window].cpu(),
+                                 scores.top_logprob[:, window].exp().cpu())
+        self.tokens += batch.input_ids[:, 1:].numel()
 
     def merge(self, other: "_LensState") -> None:
         require_same(self, other, "n_layers")
