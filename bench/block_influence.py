@@ -5,7 +5,8 @@ layerscope's block-influence against ShortGPT's loop over HF `hidden_states` (Me
 layerscope's answer must match the loop's to 1e-4 relative before the timing counts.
 The loop's last value compares the last block's input with the final norm's output, so
 the last block is left out of that check (layerscope reads the raw block output).
-Target: layerscope at most 1.1x the loop's time.
+Target: layerscope at most 0.85x the loop's time: the pass stops after the last block, while
+the loop's HF forward also runs the final norm and the unembedding.
 
     .venv/bin/python bench/block_influence.py [--repeats 5] [--tokens 8192]
 """
@@ -49,7 +50,7 @@ def main() -> None:
         {str(l): answers["shortgpt"][l] for l in compared}))
     section.row("layerscope block-influence (block, attention and MLP influence)", seconds["layerscope"])
     section.row("ShortGPT loop over HF output_hidden_states (block influence)", seconds["shortgpt"])
-    section.target("layerscope time / ShortGPT loop", seconds["layerscope"].median / seconds["shortgpt"].median, 1.1)
+    section.target("layerscope time / ShortGPT loop", seconds["layerscope"].median / seconds["shortgpt"].median, 0.85)
     section.save()
 
 

@@ -160,3 +160,65 @@ def nnsight_skip_sweep(envoy, windows, n_layers: int, skipped_layers: list[int] 
                 sums[f"{skipped}.future.{m}"] += (delta / clean_contribs[m].norm(dim=-1)).sum().item()
         tokens += targets.numel()
     return {key: value / tokens for key, value in sums.items()}
+
+
+@torch.no_grad()
+def hf_forward(model, windows) -> float:
+    """Seconds of one plain HF forward (with the logits) over every batch."""
+    seconds = 0.0
+    for input_ids in windows:
+        started = time.perf_counter()
+        model(input_ids)
+        seconds += time.perf_counter() - started
+    return seconds
+
+
+@torch.no_grad()
+def hf_base_model(model, windows) -> tuple[float, dict[str, float]]:
+    """The base model's forward (`model.model`: every block and the final norm, no
+    unembedding) with `output_hidden_states`: what any capture of the residual stream
+    must at least run.  Statistics as `hf_hidden_states`."""
+    stats, seconds = HandMoments(), 0.0
+    for input_ids in windows:
+        started = time.perf_counter()
+        hidden = model.model(input_ids, output_hidden_states=True).hidden_states
+        seconds += time.perf_counter() - started
+        for layer, x in enumerate(hidden[:-1]):
+            stats.add("resid_pre", layer, x)
+    return seconds, stats.values()
+
+
+@torch.no_grad()
+def logit_lens_before(loaded, windows) -> tuple[float, dict[str, float]]:
+    """layerscope's logit lens as it was before chunking (kept as the peer its successor
+    is timed against): a full forward with the logits, then per layer the whole batch's
+    [tokens x vocab] logits, their log-softmax, and the KL against the final distribution's
+    log-probabilities and probabilities prepared once per batch; also the first window's
+    top-token grid.  Per layer, mean CE, top-1 accuracy and KL to the final distribution."""
+    from layerscope.probes.backends import get_backend, points
+    from layerscope.probes.replay import unembed
+
+    wanted = points(["resid_post"], loaded.n_layers)
+    runner = get_backend("hooks", loaded)
+    sums = torch.zeros(loaded.n_layers, 3, dtype=torch.float64)
+    tokens, seconds = 0, 0.0
+    for index, input_ids in enumerate(windows):
+        started = time.perf_counter()
+        logits, acts = runner.run(loaded, input_ids, wanted)
+        targets = input_ids[:, 1:]
+        final = torch.log_softmax(logits[:, :-1], dim=-1)
+        final_probs, final_top = final.exp(), final.argmax(-1)
+        for layer, point in enumerate(wanted):
+            lens = unembed(loaded, acts[point])
+            logprobs = torch.log_softmax(lens[:, :-1], dim=-1)
+            top = logprobs.argmax(-1)
+            sums[layer, 0] += -logprobs.gather(-1, targets[..., None]).sum().item()
+            sums[layer, 1] += (top == targets).sum().item()
+            sums[layer, 2] += (final_probs * (final - logprobs)).sum().item()
+            if index == 0:
+                torch.softmax(lens[0], dim=-1).max(dim=-1)
+        seconds += time.perf_counter() - started
+        tokens += targets.numel()
+    means = sums / tokens
+    return seconds, {f"{layer}.{name}": means[layer, i].item()
+                     for layer in range(loaded.n_layers) for i, name in enumerate(("ce", "top1_accuracy", "kl_to_final"))}
