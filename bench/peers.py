@@ -207,7 +207,8 @@ def logit_lens_before(loaded, windows) -> tuple[float, dict[str, float]]:
         logits, acts = runner.run(loaded, input_ids, wanted)
         targets = input_ids[:, 1:]
         final = torch.log_softmax(logits[:, :-1], dim=-1)
-        final_probs, final_top = final.exp(), final.argmax(-1)
+        final_probs = final.exp()
+        final.argmax(-1)  # the replaced code prepared the final top-1 with the distribution
         for layer, point in enumerate(wanted):
             lens = unembed(loaded, acts[point])
             logprobs = torch.log_softmax(lens[:, :-1], dim=-1)
