@@ -13,10 +13,10 @@ from layerscope.probes.interventions import FrozenNorm
 from layerscope.probes.ln_removal import (LossNotFinite, RemovableNorm, RemovalConfig, RemovalData, fine_tune,
                                           load_checkpoint, remove_without_finetuning, removal_schedule,
                                           save_norm_free)
-from layerscope.probes.norms import is_real_norm, norm_forward, norm_sites, token_scale
+from layerscope.probes.norms import is_real_norm, norm_forward, norm_sites, token_scale, value_split_roles
 from layerscope.probes.zoo import FROZEN_NORMS_FILE, TINY_FAMILIES, load_model
 
-FAST = RemovalConfig(steps=12, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=2)
+FAST = RemovalConfig(steps=16, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2)
 SMALL_DATA = RemovalData(seq_len=32, batch_size=4, train_tokens=2048, eval_tokens=512)
 
 
@@ -71,14 +71,28 @@ def test_running_average_and_freeze_use_position_zero_apart():
     assert fake.first_scale.item() == fake.scale.item()
 
 
-def test_schedule_removes_pre_mlp_then_pre_attention_then_final_norms():
+def test_schedule_removes_pre_mlp_then_query_key_then_value_paths_then_final_then_position_zero():
     loaded = load_model("tiny-llama")
-    config = RemovalConfig(steps=40, start=3, gap_mlp=2, gap_attn=3, gap_final=5)
-    events = removal_schedule(norm_sites(loaded), config)
-    assert [e.role for e in events] == [*(f"ln2[{l}]" for l in range(4)), *(f"ln1[{l}]" for l in range(4)), "final_norm"]
-    assert [e.step for e in events] == [3, 5, 7, 9, 12, 15, 18, 21, 26]
-    with pytest.raises(UserError, match="removes its last norm .* at step 26, but the budget is 26 steps"):
-        removal_schedule(norm_sites(loaded), RemovalConfig(steps=26, start=3, gap_mlp=2, gap_attn=3, gap_final=5))
+    sites = norm_sites(loaded)
+    split = value_split_roles(loaded, sites)
+    assert split == {f"ln1[{l}]" for l in range(4)}
+    config = RemovalConfig(steps=60, start=3, gap_mlp=2, gap_attn=3, gap_v=4, gap_final=5)
+    events = removal_schedule(sites, config, split=split)
+    assert [(e.role, e.part) for e in events] == [
+        *((f"ln2[{l}]", "all") for l in range(4)), *((f"ln1[{l}]", "qk") for l in range(4)),
+        *((f"ln1[{l}]", "v") for l in range(4)), ("final_norm", "all"), ("*", "first")]
+    assert [e.step for e in events] == [3, 5, 7, 9, 12, 15, 18, 21, 25, 29, 33, 37, 42, 47]
+    unsplit = removal_schedule(sites, config)
+    assert [(e.role, e.part) for e in unsplit][4:9] == [*((f"ln1[{l}]", "all") for l in range(4)), ("final_norm", "all")]
+    with pytest.raises(UserError, match="removes its last norm .* at step 42 and fixes position 0's scale at step 47, "
+                                        "but the budget is 47 steps"):
+        removal_schedule(sites, RemovalConfig(**{**config.__dict__, "steps": 47}), split=split)
+    # The sensitivity order: block norms least sensitive first, each value path right after its q/k path.
+    order = ["ln1[2]", "ln2[3]", "ln2[0]", "ln1[0]", "ln2[1]", "ln1[1]", "ln2[2]", "ln1[3]"]
+    ordered = removal_schedule(sites, config, order, split)
+    assert [(e.role, e.part) for e in ordered][:5] == [("ln1[2]", "qk"), ("ln1[2]", "v"), ("ln2[3]", "all"),
+                                                      ("ln2[0]", "all"), ("ln1[0]", "qk")]
+    assert [e.step for e in ordered][:3] == [3, 7, 9]
 
 
 def test_bert_post_ln_norms_include_embedding_and_head_norms():
@@ -111,8 +125,10 @@ def test_after_the_schedule_no_norm_divides_by_a_data_dependent_scale(family, tm
     # The check can fail: a real norm's output does not follow its input's scale.
     assert not any(_scales_with_its_input(get_module(original.model, s.path), x) for s in norm_sites(original))
     loaded, result = _removed(family)
-    assert len(result.scales) == len(result.events) == len(norm_sites(original))
-    assert result.history["removed"][-1] == len(result.events)
+    roles = [s.role for s in norm_sites(original)]
+    assert sorted(s["role"] for s in result.scales) == sorted(roles)
+    assert {e.role for e in result.events} == {*roles, "*"} and result.events[-1].part == "first"
+    assert result.history["removed"][-1] == len(roles)
     _assert_norm_free(loaded)
     # The saved directory loads through the zoo with the same frozen norms and outputs.
     saved = save_norm_free(loaded, tmp_path / "norm-free", {"base_model": f"tiny-{family}"})
@@ -128,7 +144,7 @@ def test_after_the_schedule_no_norm_divides_by_a_data_dependent_scale(family, tm
 
 
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
-    config = RemovalConfig(steps=14, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=3,
+    config = RemovalConfig(steps=18, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=3,
                            aux_weight=0.1)
     whole, whole_result = _removed("llama", config, checkpoint=tmp_path / "a.pt", checkpoint_every=4)
 
@@ -201,12 +217,12 @@ def _cli(capsys, *argv):
 
 
 TINY_ARGS = ["--seq-len", "32", "--batch-size", "4", "--train-tokens", "1024", "--eval-tokens", "256",
-             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-final", "1"]
+             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-v", "1", "--gap-final", "1"]
 
 
 def test_cli_run_saves_a_loadable_model_and_a_run(capsys, tmp_path):
     runs = tmp_path / "runs"
-    code, out, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(runs),
+    code, out, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "16", "--runs-dir", str(runs),
                           "--checkpoint-every", "4", "--format", "json")
     assert code == 0, err
     payload = json.loads(out)
@@ -224,19 +240,22 @@ def test_cli_run_saves_a_loadable_model_and_a_run(capsys, tmp_path):
     manifest, tables = load_run(payload["run"].split("/")[-1], runs)
     assert manifest["metric"] == "ln-removal" and manifest["status"] == "complete"
     assert manifest["norm_free_model"] == payload["norm_free_model"]
-    assert set(tables) == {"ln_removal_eval", "ln_removal_loss", "ln_removal_schedule"}
+    assert set(tables) == {"ln_removal_eval", "ln_removal_loss", "ln_removal_schedule", "ln_removal_curve"}
+    # One curve row per removal step, each measured before and after its freeze.
+    assert tables["ln_removal_curve"]["step"].tolist() == sorted(set(tables["ln_removal_schedule"]["step"]))
     loss = tables["ln_removal_loss"]
-    assert (loss.groupby("run").size() == 10).all()
-    assert tables["ln_removal_schedule"]["role"].tolist()[-1] == "final_norm"
+    assert (loss.groupby("run").size() == 16).all()
+    assert tables["ln_removal_schedule"]["role"].tolist()[-2:] == ["final_norm", "*"]
     # Without --resume an existing checkpoint is not overwritten.
-    code, _, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(runs))
+    code, _, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "16", "--runs-dir", str(runs))
     assert code == 2 and "already holds checkpoints" in err
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "5"], "removes its last norm (final_norm) at step 9, but the budget is 5 steps"),
-    (["--steps", "12", "--resume"], "--resume: no checkpoint in"),
-    (["--steps", "12", "--lr", "1e38", "--grad-clip", "0", "--checkpoint-every", "1"], "at step 1: stopped; the last good checkpoint, with 1 steps done"),
+    (["--steps", "5"], "removes its last norm (final_norm) at step 13 and fixes position 0's scale at step 14, "
+                       "but the budget is 5 steps"),
+    (["--steps", "16", "--resume"], "--resume: no checkpoint in"),
+    (["--steps", "16", "--lr", "1e38", "--grad-clip", "0", "--checkpoint-every", "1"], "at step 1: stopped; the last good checkpoint, with 1 steps done"),
 ])
 def test_cli_bad_input_is_one_line(capsys, tmp_path, extra, message):
     code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), *extra)
@@ -245,13 +264,13 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, extra, message):
 
 def test_cli_refuses_a_model_without_norms_and_a_resume_for_another_model(capsys, tmp_path):
     runs = str(tmp_path / "runs")
-    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--steps", "10", "--runs-dir", runs,
+    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--steps", "16", "--runs-dir", runs,
                         "--no-control", "--no-save")
     assert code == 0, err
     norm_free = tmp_path / "ln-removal" / "tiny-llama-norm-free"
     code, _, err = _cli(capsys, "--model", str(norm_free), *TINY_ARGS, "--runs-dir", runs)
     assert code == 2 and "has no norm that divides by a data-dependent scale" in err and err.count("\n") == 1
-    code, _, err = _cli(capsys, "--model", "tiny-qwen2", *TINY_ARGS, "--steps", "10", "--runs-dir", runs,
+    code, _, err = _cli(capsys, "--model", "tiny-qwen2", *TINY_ARGS, "--steps", "16", "--runs-dir", runs,
                         "--checkpoint-dir", str(tmp_path / "ln-removal" / "tiny-llama"), "--resume")
     assert code == 2 and "is a run for model 'tiny-llama', not 'tiny-qwen2'" in err and err.count("\n") == 1
 
@@ -260,7 +279,7 @@ def test_tables_flag_a_non_finite_control_and_summarize_against_vanilla():
     from layerscope.analysis.ln_removal import ln_removal_tables, loss_curve_figure, summarize
     from layerscope.probes.ln_removal import FineTuneResult, RemovalEvent
 
-    history = {"step": [0, 1], "loss": [3.0, 2.5], "aux": [0.0, 0.0], "lr": [1e-4, 1e-4], "grad_norm": [1.0, 1.0]}
+    history = {"step": [0, 1], "loss": [3.0, 2.5], "ce": [3.0, 2.5], "aux": [0.0, 0.0], "lr": [1e-4, 1e-4], "grad_norm": [1.0, 1.0]}
     removal = FineTuneResult(True, {**history, "removed": [0, 1]}, [RemovalEvent(1, "final_norm", "model.norm")],
                              [{"role": "final_norm", "scale": 2.0, "first_scale": 9.0}], 3.3, 3.5, 1.0, None)
     control = FineTuneResult(False, {**history, "removed": [0, 0]}, [], [], 3.3, 3.0, 1.0, None)

@@ -20,10 +20,10 @@ from layerscope.probes.zoo import FROZEN_NORMS_FILE, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = RemovalConfig(steps=11, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=2)
+FAST = RemovalConfig(steps=16, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2)
 SMALL_DATA = RemovalData(seq_len=32, batch_size=4, train_tokens=1024, eval_tokens=256)
 TINY_ARGS = ["--seq-len", "32", "--batch-size", "4", "--train-tokens", "1024", "--eval-tokens", "256",
-             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-final", "1", "--steps", "11"]
+             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-v", "1", "--gap-final", "1", "--steps", "16"]
 
 
 def _cli(capsys, *argv):
