@@ -288,7 +288,7 @@ def test_tables_flag_a_non_finite_control_and_summarize_against_vanilla():
     assert evals.loc["norm-free", "delta_vs_vanilla"] == pytest.approx(0.5)
     assert evals.loc["removed, no fine-tune", "note"].startswith("loss not finite")
     assert evals.loc["norm-free", "note"] == ""
-    assert tables["ln_removal_schedule"].iloc[0].to_dict() == {"step": 1, "role": "final_norm", "path": "model.norm",
+    assert tables["ln_removal_schedule"].iloc[0].to_dict() == {"step": 1, "role": "final_norm", "part": "all", "path": "model.norm",
                                                                 "scale": 2.0, "first_scale": 9.0}
     assert "norm-free - vanilla +0.5000" in summarize(tables)[0]
     assert len(loss_curve_figure(tables["ln_removal_loss"], tables["ln_removal_schedule"]).data) == 4
