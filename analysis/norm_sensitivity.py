@@ -11,7 +11,7 @@ and the per-token spread of each norm's scale (99th over 1st percentile over non
 positions), which says how far one constant is from what the norm divides by.  A norm
 whose input has the same scale at every token does no non-linear work: freezing it
 changes nothing.  Encoders get the relative change of the final residual instead of
-CE and KL.
+CE and KL (so a norm in the masked-LM head, after the final residual, shows none).
 
 It tells which norms LN removal has to work hardest on, and `ln-removal --order
 sensitivity` removes the least sensitive first.

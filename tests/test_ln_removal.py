@@ -1,7 +1,9 @@
 """LN removal: the fake norm, the schedule, deterministic resume, the norm-free model on
 disk, the payoff of fine-tuning, and the CLI's one-line errors."""
 
+import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -192,20 +194,54 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
 
 
-def test_fine_tuning_beats_removal_without_fine_tuning():
+@pytest.fixture(scope="module")
+def trained_llama():
+    """tiny-llama made a language model of the default corpus by a short fine-tune, so its
+    norms carry something; with its train and evaluation windows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     loaded = load_model("tiny-llama")
     data = RemovalData(seq_len=64, batch_size=8, train_tokens=32768, eval_tokens=4096)
     train, evaluation = data.windows(loaded)
-    # First make it a language model of the default corpus, so its norms carry something.
     trained = fine_tune(loaded, train, evaluation, RemovalConfig(steps=150, lr=3e-3, lr_warmup=10), remove=False)
+    torch.set_num_threads(before)
     assert trained.eval_after < trained.eval_before - 2
-    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=2)
+    return loaded, train, evaluation, trained.eval_after
+
+
+def _copy(loaded):
+    work = copy.copy(loaded)
+    work.model = copy.deepcopy(loaded.model)
+    return work
+
+
+def test_fine_tuning_beats_removal_without_fine_tuning(trained_llama):
+    loaded, train, evaluation, trained_ce = trained_llama
+    loaded = _copy(loaded)
+    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2)
     without, _ = remove_without_finetuning(loaded, train, evaluation, config)
     assert not any(isinstance(m, FrozenNorm) for m in loaded.model.modules()), "the control leaves the model as it was"
     removed = fine_tune(loaded, train, evaluation, config)
-    assert removed.eval_before == pytest.approx(trained.eval_after, abs=1e-6)
-    assert without > trained.eval_after + 0.05, "freezing every norm at once costs loss"
+    assert removed.eval_before == pytest.approx(trained_ce, abs=1e-6)
+    assert without > trained_ce + 0.05, "freezing every norm at once costs loss"
     assert removed.eval_after < without
+
+
+def test_distillation_ends_lower_than_cross_entropy_at_the_same_budget(trained_llama):
+    loaded, train, evaluation, trained_ce = trained_llama
+    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2,
+                           curve_tokens=0)
+    ends = {}
+    for loss in ("ce", "distill"):
+        result = fine_tune(_copy(loaded), train, evaluation, replace(config, loss=loss), teacher=loaded.model)
+        assert result.loss == loss and len(result.history["step"]) == config.steps
+        ends[loss] = result.eval_after
+    # Same steps, same batches: the same tokens.  The original's whole distribution is a
+    # richer target than the one sampled next token.
+    assert ends["distill"] < ends["ce"], ends
+    # The vanilla control trains on cross-entropy whatever --loss says.
+    control = fine_tune(_copy(loaded), train, evaluation, replace(config, loss="distill", steps=2), remove=False)
+    assert control.loss == "ce"
 
 
 # ---------------------------------------------------------------- CLI
