@@ -116,9 +116,11 @@ def site_layer(loaded: LoadedModel, site: NormSite) -> int | None:
 
 
 def site_kind(site: NormSite) -> str:
-    """The kind of norm a role names: `ln1`, `ln2`, `final_norm`, or the module's own name."""
+    """The kind of norm a role names: `ln1`, `ln2`, `final_norm`; for other norms the last
+    two parts of the module path, without the block index (`embeddings.LayerNorm`)."""
     if site.role.startswith("other:"):
-        return site.path.rsplit(".", 1)[-1]
+        return ".".join(part for part in site.path.split(".")[-3:] if not part.isdigit()).split(".", 1)[-1] \
+            if site.path.count(".") >= 2 else site.path
     return site.role.split("[")[0]
 
 
