@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.ln_checkpoints import (CHECKPOINT_FORMAT, CONTROL_CHECKPOINT, REMOVAL_CHECKPOINT,  # noqa: F401
@@ -118,6 +119,9 @@ def remove_norms(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWind
     removal = fine_tune(work, train, evaluation, config, remove=True, checkpoint=paths.removal,
                         checkpoint_every=options.checkpoint_every, resume=options.resume, progress=progress,
                         teacher=loaded.model, order=[role for role, _ in ranking] if ranking else None)
+    if progress:
+        tqdm.write(f"norm-free held-out CE {removal.eval_after:.4f} (original {removal.eval_before:.4f}) after "
+                   f"{removal.seconds:.0f} s; saving the model to {paths.output}")
     save_norm_free(work, paths.output, {"base_model": loaded.spec.name, "base_weights_hash": loaded.weights_hash,
                                         "config": asdict(config),
                                         "data": {"train": train.manifest(), "eval": evaluation.manifest()}})

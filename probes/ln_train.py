@@ -252,6 +252,9 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
                     curve.append({"step": step, "role": ",".join(e.role for e in by_step[step]),
                                   "part": ",".join(e.part for e in by_step[step]), "ce_before": before,
                                   "ce_after": eval_ce(loaded, curve_windows)})
+                    if progress:
+                        bar.write(f"step {step}: froze {curve[-1]['role']} ({curve[-1]['part']}): held-out CE "
+                                  f"{before:.4f} -> {curve[-1]['ce_after']:.4f}")
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr

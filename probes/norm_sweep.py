@@ -148,16 +148,16 @@ def _final_from(loaded: LoadedModel, clean: CleanPass, layer: int | None) -> tor
 
 @torch.no_grad()
 def freeze_sweep(loaded: LoadedModel, batches, stats: ScaleStats, groups: dict[str, list[int]],
-                 progress=None) -> FreezeSweep:
+                 progress=None, variants: tuple[str, ...] = VARIANTS) -> FreezeSweep:
     """Freeze each norm of `stats` alone, then each group of norms (name -> indices) at once,
-    in both variants, over every batch."""
+    in each variant, over every batch."""
     sites = list(stats.sites)
     items = [site.role for site in sites] + [f"all {name}" for name in groups]
     members = [[i] for i in range(len(sites))] + list(groups.values())
     start = [site_layer(loaded, site) if site.path != loaded.adapter.final_norm else loaded.n_layers
              for site in sites]
     causal = loaded.adapter.causal
-    sums = {name: {v: [0.0] * len(items) for v in VARIANTS} for name in ("ce", "kl", "agree", "final")}
+    sums = {name: {v: [0.0] * len(items) for v in variants} for name in ("ce", "kl", "agree", "final")}
     ce_full, tokens = 0.0, 0
     for input_ids in batches:
         clean = record_clean_pass(loaded, input_ids)
@@ -168,7 +168,7 @@ def freeze_sweep(loaded: LoadedModel, batches, stats: ScaleStats, groups: dict[s
         for j, chosen in enumerate(members):
             layers = [start[i] for i in chosen]
             first = None if any(l is None for l in layers) else min(layers)
-            for variant in VARIANTS:
+            for variant in variants:
                 with frozen_norms(loaded, {sites[i].path: stats.frozen_scale(i, variant) for i in chosen}):
                     final = (clean.final_resid if first == loaded.n_layers
                              else _final_from(loaded, clean, first))
@@ -198,7 +198,7 @@ def sensitivity_order(loaded: LoadedModel, batches, sites: list[NormSite]) -> li
     Encoders are ranked by the relative change of the final residual instead."""
     batches = list(batches)
     stats = measure_scales(loaded, batches, sites)
-    sweep = freeze_sweep(loaded, batches, stats, {})
+    sweep = freeze_sweep(loaded, batches, stats, {}, variants=("own_first",))
     cost = sweep.kl["own_first"] if loaded.adapter.causal else sweep.final_change["own_first"]
     ranked = [(site.role, value / sweep.tokens) for site, value in zip(sites, cost)]
     return sorted(ranked, key=lambda pair: (not math.isfinite(pair[1]), pair[1] if math.isfinite(pair[1]) else 0.0))
