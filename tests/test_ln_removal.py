@@ -145,25 +145,38 @@ def test_after_the_schedule_no_norm_divides_by_a_data_dependent_scale(family, tm
     assert str(saved / FROZEN_NORMS_FILE) in map(str, reloaded.weights_files)
 
 
-def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+# The sensitivity order as `remove_norms` would pass it, value paths and all.
+ORDER = ["ln1[2]", "ln2[3]", "ln2[0]", "ln1[0]", "ln2[1]", "ln1[1]", "ln2[2]", "ln1[3]"]
+
+
+@pytest.mark.parametrize("order", ["fixed", "sensitivity"])
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, order):
+    # Distillation, the q/k then v split, position 0 fixed last and the per-removal curve all on.
     config = RemovalConfig(steps=18, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=3,
-                           aux_weight=0.1)
-    whole, whole_result = _removed("llama", config, checkpoint=tmp_path / "a.pt", checkpoint_every=4)
+                           aux_weight=0.1, order=order, loss="distill", ce_weight=0.5, curve_tokens=64)
+    ranked = ORDER if order == "sensitivity" else None
+    whole, whole_result = _removed("llama", config, checkpoint=tmp_path / "a.pt", checkpoint_every=4, order=ranked)
+    assert whole_result.loss == "distill" and {e.part for e in whole_result.events} == {"all", "qk", "v", "first"}
+    assert [(e.role, e.part) for e in whole_result.events][:2] == (
+        [("ln1[2]", "qk"), ("ln1[2]", "v")] if ranked else [("ln2[0]", "all"), ("ln2[1]", "all")])
 
     def interrupt(step):
         if step == 6:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _removed("llama", config, checkpoint=tmp_path / "b.pt", checkpoint_every=4, on_step=interrupt)
+        _removed("llama", config, checkpoint=tmp_path / "b.pt", checkpoint_every=4, on_step=interrupt,
+                 order=ranked)
     assert load_checkpoint(tmp_path / "b.pt")["step"] == 4
     with pytest.raises(UserError, match="already holds a checkpoint"):
-        _removed("llama", config, checkpoint=tmp_path / "b.pt")
+        _removed("llama", config, checkpoint=tmp_path / "b.pt", order=ranked)
     resumed, resumed_result = _removed("llama", config, checkpoint=tmp_path / "b.pt", checkpoint_every=4,
-                                       resume=True)
+                                       resume=True, order=ranked)
     assert resumed_result.resumed_from == 4
     # Steps 4 and 5 ran twice (before the interruption and after the resume); the history holds them once.
     assert resumed_result.history == whole_result.history
+    assert resumed_result.curve == whole_result.curve and len(whole_result.curve) == len(
+        {e.step for e in whole_result.events})
     expected, got = whole.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys()
     for name in expected:
