@@ -40,7 +40,8 @@ class RemovalConfig:
     loss: str = field(default="auto", metadata={
         "help": "distill: KL to the original model's next-token distribution; ce: cross-entropy; auto: distill "
                 "when the original fits in memory beside the student", "choices": ["auto", "distill", "ce"]})
-    ce_weight: float = field(default=0.0, metadata={"help": "with --loss distill, add this times the cross-entropy"})
+    ce_weight: float = field(default=1.0, metadata={
+        "help": "with --loss distill, add this times the cross-entropy (0: the KL alone)"})
     curve_tokens: int = field(default=1024, metadata={
         "help": "held-out tokens (the first evaluation windows) evaluated before and after each removal "
                 "(0: no per-removal curve)", "min": 0, "max": 1_000_000})

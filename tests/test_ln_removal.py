@@ -242,16 +242,17 @@ def test_fine_tuning_beats_removal_without_fine_tuning(trained_llama):
 
 def test_distillation_ends_lower_than_cross_entropy_at_the_same_budget(trained_llama):
     loaded, train, evaluation, trained_ce = trained_llama
-    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2,
+    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=3e-4, lr_warmup=2,
                            curve_tokens=0)
     ends = {}
     for loss in ("ce", "distill"):
         result = fine_tune(_copy(loaded), train, evaluation, replace(config, loss=loss), teacher=loaded.model)
         assert result.loss == loss and len(result.history["step"]) == config.steps
         ends[loss] = result.eval_after
-    # Same steps, same batches: the same tokens.  The original's whole distribution is a
-    # richer target than the one sampled next token.
-    assert ends["distill"] < ends["ce"], ends
+    # Same steps, same batches: the same tokens.  The distilled run learns the original's
+    # whole next-token distribution besides the sampled token (the default --ce-weight 1;
+    # the tiny teacher is under-trained, so cross-entropy alone also keeps improving it).
+    assert ends["distill"] < ends["ce"] - 0.01, ends
     # The vanilla control trains on cross-entropy whatever --loss says.
     control = fine_tune(_copy(loaded), train, evaluation, replace(config, loss="distill", steps=2), remove=False)
     assert control.loss == "ce"
