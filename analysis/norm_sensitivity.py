@@ -151,5 +151,15 @@ def summarize(tables: Tables) -> list[str]:
     return lines
 
 
+def display(tables: Tables) -> Tables:
+    """What the CLI prints: per norm, its scale, spread and what freezing it costs."""
+    table = tables["norm_sensitivity"]
+    costs = [c for c in ("delta_ce", "kl", "delta_ce_own_first", "kl_own_first") if c in table] or [
+        "final_change", "final_change_own_first"]
+    return {"norm_sensitivity": table[["role", "scale", "scale_first", "spread_p99_p1", *costs]],
+            **{k: v for k, v in tables.items() if k != "norm_sensitivity"}}
+
+
 METRIC = Metric("norm-sensitivity", "cost of freezing each norm alone at its mean scale, and its scale spread",
-                replay=replay, kind="replay", options=NormSensitivityOptions, figures=figures, summarize=summarize)
+                replay=replay, kind="replay", options=NormSensitivityOptions, figures=figures, summarize=summarize,
+                display=display)
