@@ -220,3 +220,26 @@ def test_damaged_runs_and_crash_leftovers_are_still_listed_and_removable(tmp_pat
     for run_id in rows:
         remove_run(run_id, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sensitivity_order_follows_the_norms_own_kl_measured_by_norm_sensitivity(tmp_path):
+    from dataclasses import replace
+
+    from layerscope.analysis.ln_removal import result_tables
+    from layerscope.analysis.runner import measure
+
+    loaded = load_model("tiny-llama")
+    train, evaluation = SMALL_DATA.windows(loaded)
+    config = replace(FAST, order="sensitivity", sensitivity_tokens=256)
+    result = remove_norms(loaded, train, evaluation, RemovalOptions(config=config, runs_dir=tmp_path / "runs",
+                                                                    control=False))
+    ranked = result_tables(result)["ln_removal_order"]
+    assert ranked["kl_frozen_alone"].is_monotonic_increasing and len(ranked) == 9
+    # The same KLs as the measurement reports for the same tokens.
+    table = measure(loaded, train.head(256), ["norm-sensitivity"]).tables["norm_sensitivity"].set_index("role")
+    for row in ranked.itertuples():
+        assert row.kl_frozen_alone == pytest.approx(table.loc[row.role, "kl_own_first"], rel=1e-6, abs=1e-12)
+    # Block norms are removed in that order; the final norm and position 0 come last.
+    block = [r for r in ranked["role"] if r != "final_norm"]
+    firsts = list(dict.fromkeys(e.role for e in result.removal.events))
+    assert firsts == [*block, "final_norm", "*"]
