@@ -100,10 +100,13 @@ def measure_scales(loaded: LoadedModel, batches, sites: list[NormSite] | None = 
         with _scale_hooks(loaded, sites, seen):
             record_clean_pass(loaded, input_ids)
         for i, scale in enumerate(seen):
-            first_sum[i] += scale[:, 0].sum().item()
-            rest = scale[:, 1:]
-            rest_sum[i] += rest.sum().item()
-            histogram[i] += torch.histc(rest.log().float().cpu(), LOG_BINS, LOG_LOW, LOG_HIGH).double()
+            # Positions are the last axis ([batch pos], or [batch head pos] for a query/key norm).
+            first_sum[i] += scale[..., 0].mean().item() * input_ids.shape[0]
+            rest = scale[..., 1:]
+            rest_sum[i] += rest.mean().item() * input_ids.shape[0] * (input_ids.shape[1] - 1)
+            # Each head's scale counts 1/heads of a token, so every norm's histogram sums to the tokens.
+            histogram[i] += torch.histc(rest.log().float().cpu(), LOG_BINS, LOG_LOW, LOG_HIGH).double() \
+                * (input_ids.numel() - input_ids.shape[0]) / max(1, rest.numel())
         first_count += input_ids.shape[0]
         rest_count += input_ids.shape[0] * (input_ids.shape[1] - 1)
     return ScaleStats(tuple(sites), first_sum, first_count, rest_sum, rest_count, histogram)

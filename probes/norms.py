@@ -66,7 +66,8 @@ def norm_sites(loaded: LoadedModel) -> list[NormSite]:
     pre-attention norms, then the final norm, then any other norm found by type (BERT's
     embedding and masked-LM-head LayerNorms).  Norms already frozen are left out."""
     adapter, model = loaded.adapter, loaded.model
-    groups: dict[str, NormGroup] = {"ln2": "mlp", "ln1": "attn", "final_norm": "final"}
+    groups: dict[str, NormGroup] = {"ln2": "mlp", "ln2_post": "mlp", "ln1": "attn", "ln1_post": "attn",
+                                    "final_norm": "final"}
     listed = [(role, path, groups[role.split("[")[0]]) for role, path in adapter.norm_paths(loaded.n_layers)]
     listed_paths = {path for _, path, _ in listed}
     listed += [(f"other:{path}", path, "other") for path, module in model.named_modules()
@@ -95,7 +96,7 @@ def applied_scale(module: torch.nn.Module, x: Float[torch.Tensor, "batch pos d_m
     0 may have its own), computed from `x` for a real one."""
     if isinstance(module, FrozenNorm) and not getattr(module, "live", False):
         scale = module.scale.to(x.dtype).expand(x.shape[:-1]).clone()
-        scale[:, 0] = module.first_scale
+        scale[..., 0] = module.first_scale
         return scale
     real = getattr(module, "real", module)
     return token_scale(x, norm_kind(real), norm_eps(real))
@@ -166,7 +167,7 @@ class RemovableNorm(FrozenNorm):
         if bool(self.first_live):
             if self.tracking:
                 self._observe(x.detach())
-            out = torch.cat([self.real(x[:, :1]), out[:, 1:]], dim=1)
+            out = torch.cat([self.real(x[..., :1, :]), out[..., 1:, :]], dim=-2)
         if bool(self.value_live):
             self.pending_value = self.real(x)
         return out
@@ -174,8 +175,8 @@ class RemovableNorm(FrozenNorm):
     @torch.no_grad()
     def _observe(self, x: Float[torch.Tensor, "batch pos d_model"]) -> None:
         s = token_scale(x.float(), self.kind, self.eps)
-        rest = s[:, 1:] if s.shape[1] > 1 else s
-        batch = torch.stack([s[:, 0].mean(), rest.mean(), s.mean()]).double()
+        rest = s[..., 1:] if s.shape[-1] > 1 else s
+        batch = torch.stack([s[..., 0].mean(), rest.mean(), s.mean()]).double()
         self.updates += 1
         if self.updates == 1:
             self.average.copy_(batch)
