@@ -23,18 +23,24 @@ import plotly.graph_objects as go
 from layerscope.analysis.store import package_versions, save_run
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.ln_removal import FineTuneResult, RemovalResult
+from layerscope.probes.ln_train import CURVE_COLUMNS
 
 METRIC_NAME = "ln-removal"
 
 
-def ln_removal_tables(removal: FineTuneResult, control: FineTuneResult | None,
-                      no_finetune_ce: float | None) -> dict[str, pd.DataFrame]:
+def ln_removal_tables(removal: FineTuneResult, control: FineTuneResult | None, no_finetune_ce: float | None,
+                      ranking: list[tuple[str, float]] | None = None) -> dict[str, pd.DataFrame]:
     """- `ln_removal_eval`: one row per model: evaluation cross-entropy, its change against
       the original and against the vanilla fine-tune, and a note when it is not finite.
     - `ln_removal_loss`: one row per (run, step): training loss, auxiliary loss, learning
       rate, gradient norm and the number of norms removed so far.
-    - `ln_removal_schedule`: one row per removed norm: the step it was frozen, its role,
-      module path, and the frozen scales (position 0, other positions).
+    - `ln_removal_schedule`: one row per removal event: the step, the norm's role, the
+      part frozen (all, qk, v; `first` for position 0 of every norm, role `*`), its module
+      path, and the frozen scales (other positions, position 0).
+    - `ln_removal_curve` (when measured): per removal step, the held-out CE on the curve
+      windows just before and just after the removal, and their difference (`cost`).
+    - `ln_removal_order` (with the sensitivity order): each block norm's KL to the
+      original when frozen alone, in removal order.
     """
     rows = [("original", removal.eval_before, 0)]
     if no_finetune_ce is not None:
@@ -52,15 +58,22 @@ def ln_removal_tables(removal: FineTuneResult, control: FineTuneResult | None,
                      ignore_index=True)
     scales = {s["role"]: s for s in removal.scales}
     schedule = pd.DataFrame([{
-        "step": e.step, "role": e.role, "path": e.path,
+        "step": e.step, "role": e.role, "part": e.part, "path": e.path,
         "scale": scales.get(e.role, {}).get("scale"), "first_scale": scales.get(e.role, {}).get("first_scale"),
-    } for e in removal.events], columns=["step", "role", "path", "scale", "first_scale"])
-    return {"ln_removal_eval": evals, "ln_removal_loss": loss, "ln_removal_schedule": schedule}
+    } for e in removal.events], columns=["step", "role", "part", "path", "scale", "first_scale"])
+    tables = {"ln_removal_eval": evals, "ln_removal_loss": loss, "ln_removal_schedule": schedule}
+    if removal.curve:
+        tables["ln_removal_curve"] = pd.DataFrame(removal.curve, columns=list(CURVE_COLUMNS)).assign(
+            cost=lambda t: t["ce_after"] - t["ce_before"])
+    if ranking:
+        tables["ln_removal_order"] = pd.DataFrame(
+            [{"rank": i, "role": role, "kl_frozen_alone": kl} for i, (role, kl) in enumerate(ranking)])
+    return tables
 
 
 def result_tables(result: RemovalResult) -> dict[str, pd.DataFrame]:
     """`ln_removal_tables` of a `remove_norms` result."""
-    return ln_removal_tables(result.removal, result.control, result.eval_no_finetune)
+    return ln_removal_tables(result.removal, result.control, result.eval_no_finetune, result.ranking)
 
 
 def save_ln_removal_run(result: RemovalResult, train: TokenWindows, evaluation: TokenWindows,
@@ -88,12 +101,22 @@ def save_ln_removal_run(result: RemovalResult, train: TokenWindows, evaluation: 
     return save_run(tables, manifest, Path(runs_dir if runs_dir is not None else options.runs_dir))
 
 
-def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None) -> go.Figure:
-    """Training loss per step of the removal run and the vanilla control, with the number
-    of norms removed on a second axis."""
+def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None,
+                      curve: pd.DataFrame | None = None) -> go.Figure:
+    """Training cross-entropy per step of the removal run and the vanilla control (and the
+    distillation objective when there is one), the held-out CE just before and after each
+    removal, and the number of norms removed on a second axis."""
     fig = go.Figure()
     for run, rows in loss.groupby("run", sort=False):
-        fig.add_scatter(x=rows["step"], y=rows["loss"], name=f"{run} loss", mode="lines")
+        column = "ce" if "ce" in rows else "loss"
+        fig.add_scatter(x=rows["step"], y=rows[column], name=f"{run} training CE", mode="lines")
+        if column == "ce" and not rows["loss"].equals(rows["ce"]):
+            fig.add_scatter(x=rows["step"], y=rows["loss"], name=f"{run} KL to the original", mode="lines",
+                            line={"dash": "dash"})
+    if curve is not None and not curve.empty:
+        for column, name in (("ce_before", "held-out CE before removal"), ("ce_after", "held-out CE after removal")):
+            fig.add_scatter(x=curve["step"], y=curve[column], name=name, mode="markers", text=curve["role"],
+                            hovertemplate="step %{x}: %{text}<br>CE %{y:.3f}<extra></extra>")
     removal = loss[loss["run"] == "ln-removal"]
     fig.add_scatter(x=removal["step"], y=removal["removed"], name="norms removed", mode="lines",
                     line={"dash": "dot", "color": "gray"}, yaxis="y2")
@@ -109,7 +132,8 @@ def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None) 
 
 def figures(tables: dict[str, pd.DataFrame]) -> list[go.Figure]:
     """The figures of a stored ln-removal run, for the report and the app."""
-    return [loss_curve_figure(tables["ln_removal_loss"], tables.get("ln_removal_schedule"))]
+    return [loss_curve_figure(tables["ln_removal_loss"], tables.get("ln_removal_schedule"),
+                              tables.get("ln_removal_curve"))]
 
 
 def summarize(tables: dict[str, pd.DataFrame]) -> list[str]:

@@ -21,6 +21,7 @@ METRIC_MODULES = (
     "logit_lens",
     "prune_curve",
     "dla",
+    "norm_sensitivity",
 )
 
 

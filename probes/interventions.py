@@ -139,7 +139,9 @@ class FrozenNorm(torch.nn.Module):
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         if self.kind == "layernorm":
             x = x - x.mean(dim=-1, keepdim=True)
-        scale = self.scale.expand(x.shape[1]).clone()
+        # Positions are the second-to-last axis, also for the [batch head pos d_head] input of
+        # a query/key norm.
+        scale = self.scale.expand(x.shape[-2]).clone()
         scale[0] = self.first_scale
         out = x / scale[:, None].to(x.dtype) * (self.weight + self.weight_offset)
         return out + self.bias if self.bias is not None else out

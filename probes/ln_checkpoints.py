@@ -26,7 +26,7 @@ from layerscope.probes.families import get_module
 from layerscope.probes.interventions import FrozenNorm, swap_module
 from layerscope.probes.zoo import FROZEN_NORMS_FILE, LoadedModel
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 WORK_FOLDER = "ln-removal"
 REMOVAL_CHECKPOINT = "removal.pt"
 CONTROL_CHECKPOINT = "control.pt"

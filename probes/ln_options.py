@@ -26,7 +26,25 @@ class RemovalConfig:
     start: int = field(default=10, metadata={"help": "steps with every norm in place before the first removal"})
     gap_mlp: int = field(default=2, metadata={"help": "steps between removals of pre-MLP norms"})
     gap_attn: int = field(default=2, metadata={"help": "steps between removals of pre-attention norms"})
-    gap_final: int = field(default=5, metadata={"help": "steps before the final norm (and any other norm) is removed"})
+    gap_v: int = field(default=3, metadata={"help": "steps between removals of pre-attention norms' value paths"})
+    gap_final: int = field(default=5, metadata={
+        "help": "steps before the final norm (and any other norm) is removed, and before position 0's scale is fixed"})
+    split_value: bool = field(default=True, metadata={
+        "help": "remove each pre-attention norm in two steps, query/key path then value path (Baroni et al.), "
+                "where the family has a separate value projection"})
+    order: str = field(default="fixed", metadata={
+        "help": "removal order: fixed (pre-MLP, pre-attention, final) or sensitivity (block norms least "
+                "sensitive first, by their KL when frozen alone)", "choices": ["fixed", "sensitivity"]})
+    sensitivity_tokens: int = field(default=1024, metadata={
+        "help": "training tokens the sensitivity order is measured on", "min": 2, "max": 1_000_000})
+    loss: str = field(default="auto", metadata={
+        "help": "distill: KL to the original model's next-token distribution; ce: cross-entropy; auto: distill "
+                "when the original fits in memory beside the student", "choices": ["auto", "distill", "ce"]})
+    ce_weight: float = field(default=1.0, metadata={
+        "help": "with --loss distill, add this times the cross-entropy (0: the KL alone)"})
+    curve_tokens: int = field(default=1024, metadata={
+        "help": "held-out tokens (the first evaluation windows) evaluated before and after each removal "
+                "(0: no per-removal curve)", "min": 0, "max": 1_000_000})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     lr_warmup: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up"})
     decay: str = field(default="cosine", metadata={"help": "learning-rate decay after warm-up",
@@ -42,12 +60,12 @@ class RemovalConfig:
     seed: int = field(default=0, metadata={"help": "seed of the batch order and of the masked-token draws"})
 
     def __post_init__(self):
-        for name in ("steps", "gap_mlp", "gap_attn", "gap_final"):
+        for name in ("steps", "gap_mlp", "gap_attn", "gap_v", "gap_final"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.start < 0 or self.lr_warmup < 0:
             raise UserError("start and lr_warmup must not be negative")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "momentum"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "momentum", "ce_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -55,9 +73,14 @@ class RemovalConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             # Below 0 the cosine decay would drive the learning rate negative.
             raise UserError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
-        for name in ("weight_decay", "grad_clip", "aux_weight"):
+        for name in ("weight_decay", "grad_clip", "aux_weight", "ce_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name, choices in (("order", ("fixed", "sensitivity")), ("loss", ("auto", "distill", "ce"))):
+            if getattr(self, name) not in choices:
+                raise UserError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not 2 <= self.sensitivity_tokens <= 1_000_000 or not 0 <= self.curve_tokens <= 1_000_000:
+            raise UserError("sensitivity_tokens must be in 2..1000000 and curve_tokens in 0..1000000")
         if not 0 <= self.momentum < 1:
             raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
 

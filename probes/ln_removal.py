@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.ln_checkpoints import (CHECKPOINT_FORMAT, CONTROL_CHECKPOINT, REMOVAL_CHECKPOINT,  # noqa: F401
@@ -45,8 +46,9 @@ from layerscope.probes.ln_schedule import (RemovalEvent, batch_for_step, learnin
 from layerscope.probes.ln_train import (MASK_RATE, FineTuneResult, LossNotFinite, aux_std_loss,  # noqa: F401
                                         eval_ce, fine_tune, make_optimizer, remove_without_finetuning,
                                         token_loss)
+from layerscope.probes.norm_sweep import sensitivity_order
 from layerscope.probes.norms import (RemovableNorm, frozen_scales, require_norms, tracking,  # noqa: F401
-                                     unwrap_norms, wrap_norms)
+                                     unwrap_norms, value_split_roles, wrap_norms)
 from layerscope.probes.zoo import LoadedModel
 
 __all__ = ["RemovalData", "RemovalOptions", "RemovalResult", "remove_norms", "RemovalConfig", "RemovalEvent",
@@ -61,6 +63,8 @@ class RemovalResult:
     - `loss`: one row per (run, step): run ("ln-removal" or "vanilla"), step, loss, aux,
       lr, grad_norm, removed (norms frozen so far).
     - `norm_free_model`: the saved model folder; `zoo.load_model(str(path))` loads it.
+    - `ranking`: with the sensitivity order, each block norm's KL to the original when
+      frozen alone, least sensitive first (the removal order).
     - `eval_before` / `eval_after`: held-out cross-entropy of the original and the
       norm-free model; `eval_vanilla` of the same-length fine-tune with every norm kept;
       `eval_no_finetune` with every norm frozen at once and no training (None without
@@ -79,6 +83,7 @@ class RemovalResult:
     base_model: dict  # the original's card and weights hash
     options: RemovalOptions
     seconds: float
+    ranking: list[tuple[str, float]] | None = None  # (role, KL frozen alone), least sensitive first
 
 
 def _working_copy(loaded: LoadedModel) -> LoadedModel:
@@ -102,12 +107,21 @@ def remove_norms(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWind
     started = time.perf_counter()
     config = options.config
     paths = options.paths(loaded.spec.name)
-    removal_schedule(require_norms(loaded), config)  # a bad schedule fails before any work
+    sites = require_norms(loaded)
+    # A bad schedule fails before any work.
+    removal_schedule(sites, config, split=value_split_roles(loaded, sites) if config.split_value else frozenset())
     base = {**loaded.card(), "weights_hash": loaded.weights_hash}
+    ranking = (sensitivity_order(loaded, train.head(config.sensitivity_tokens), sites)
+               if config.order == "sensitivity" else None)
 
     work = _working_copy(loaded)
+    # The original, which training never touches, is the distillation teacher.
     removal = fine_tune(work, train, evaluation, config, remove=True, checkpoint=paths.removal,
-                        checkpoint_every=options.checkpoint_every, resume=options.resume, progress=progress)
+                        checkpoint_every=options.checkpoint_every, resume=options.resume, progress=progress,
+                        teacher=loaded.model, order=[role for role, _ in ranking] if ranking else None)
+    if progress:
+        tqdm.write(f"norm-free held-out CE {removal.eval_after:.4f} (original {removal.eval_before:.4f}) after "
+                   f"{removal.seconds:.0f} s; saving the model to {paths.output}")
     save_norm_free(work, paths.output, {"base_model": loaded.spec.name, "base_weights_hash": loaded.weights_hash,
                                         "config": asdict(config),
                                         "data": {"train": train.manifest(), "eval": evaluation.manifest()}})
@@ -123,4 +137,4 @@ def remove_norms(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWind
     loss = pd.concat([removal.loss_table()] + ([control.loss_table()] if control else []), ignore_index=True)
     return RemovalResult(loss, paths.output, paths.checkpoint_dir, removal.eval_before, removal.eval_after,
                          control.eval_after if control else None, no_finetune, removal, control, base, options,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, ranking)

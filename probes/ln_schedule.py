@@ -19,29 +19,57 @@ from layerscope.probes.ln_options import RemovalConfig
 from layerscope.probes.norms import NormSite
 
 
+FIRST = "*"  # the role of the last event, which fixes position 0's scale in every norm
+
+
 @dataclass(frozen=True)
 class RemovalEvent:
-    """The norm at `path` (role `role`) is frozen just before step `step` trains."""
+    """Part `part` of the norm at `path` (role `role`) is frozen just before step `step`
+    trains: "all" of it, its query/key path ("qk") or value path ("v"), or, for role
+    `FIRST`, position 0 in every norm ("first")."""
 
     step: int
     role: str
     path: str
+    part: str = "all"
 
 
-def removal_schedule(sites: list[NormSite], config: RemovalConfig) -> list[RemovalEvent]:
-    """When each norm is frozen: the first at `start`, each later one a group's gap after
-    the one before (pre-MLP norms, then pre-attention, then final and others)."""
+def removal_schedule(sites: list[NormSite], config: RemovalConfig, order: list[str] | None = None,
+                     split: frozenset[str] = frozenset()) -> list[RemovalEvent]:
+    """When each norm is frozen, the first at `start` and each later one its group's gap
+    after the one before.
+
+    The fixed order is Baroni et al.'s: pre-MLP norms, then the query/key path of every
+    pre-attention norm in `split` (the whole norm for the others), then their value paths,
+    then the final norm and any other norm; last, position 0 of every norm.  With `order`
+    (roles, least sensitive first), the block norms go in that order instead, each split
+    norm's value path right after its query/key path."""
     gaps = {"mlp": config.gap_mlp, "attn": config.gap_attn, "final": config.gap_final, "other": config.gap_final}
-    order = {"mlp": 0, "attn": 1, "final": 2, "other": 3}
+    rank = {role: i for i, role in enumerate(order or [])}
+    block = [s for s in sites if s.group in ("mlp", "attn")]
+    rest = sorted((s for s in sites if s.group not in ("mlp", "attn")), key=lambda s: s.group != "final")
+    units: list[tuple[NormSite, str, int]] = []
+    if order is None:
+        block.sort(key=lambda s: s.group != "mlp")
+        units += [(s, "qk" if s.role in split else "all", gaps[s.group]) for s in block]
+        units += [(s, "v", config.gap_v) for s in block if s.role in split]
+    else:
+        for s in sorted(block, key=lambda s: rank.get(s.role, len(rank))):
+            units.append((s, "qk" if s.role in split else "all", gaps[s.group]))
+            if s.role in split:
+                units.append((s, "v", config.gap_v))
+    units += [(s, "all", gaps[s.group]) for s in rest]
     events, step = [], config.start
-    for i, site in enumerate(sorted(sites, key=lambda s: order[s.group])):
-        if i:
-            step += gaps[site.group]
-        events.append(RemovalEvent(step, site.role, site.path))
+    for i, (site, part, gap) in enumerate(units):
+        step += gap if i else 0
+        events.append(RemovalEvent(step, site.role, site.path, part))
+    if events:
+        events.append(RemovalEvent(step + config.gap_final, FIRST, "", "first"))
     if events and events[-1].step >= config.steps:
-        raise UserError(f"the schedule removes its last norm ({events[-1].role}) at step {events[-1].step}, "
-                        f"but the budget is {config.steps} steps: raise --steps above {events[-1].step} "
-                        f"or shorten --start/--gap-mlp/--gap-attn/--gap-final")
+        last = events[-2]
+        raise UserError(f"the schedule removes its last norm ({last.role}) at step {last.step} and fixes position "
+                        f"0's scale at step {events[-1].step}, but the budget is {config.steps} steps: raise "
+                        f"--steps above {events[-1].step} or shorten --start/--gap-mlp/--gap-attn/--gap-v/--gap-final")
     return events
 
 

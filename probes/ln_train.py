@@ -9,7 +9,9 @@ averages and history, so a resumed run ends with the same weights as an uninterr
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,13 +28,15 @@ from layerscope.probes.errors import UserError
 from layerscope.probes.families import get_module
 from layerscope.probes.ln_checkpoints import CHECKPOINT_FORMAT, check_resumable, load_checkpoint, save_checkpoint
 from layerscope.probes.ln_options import RemovalConfig
-from layerscope.probes.ln_schedule import RemovalEvent, batch_for_step, learning_rate, removal_schedule
-from layerscope.probes.norms import frozen_scales, token_scale, tracking, unwrap_norms, wrap_norms
+from layerscope.probes.ln_schedule import FIRST, RemovalEvent, batch_for_step, learning_rate, removal_schedule
+from layerscope.probes.norms import (RemovableNorm, frozen_scales, token_scale, tracking, unwrap_norms,
+                                     value_split_roles, wrap_norms)
 from layerscope.probes.zoo import LoadedModel
-from layerscope.probes.replay import next_token_ce
+from layerscope.probes.replay import next_token_ce, next_token_logprobs
 
 MASK_RATE = 0.15
-HISTORY_COLUMNS = ("step", "loss", "aux", "lr", "grad_norm", "removed")
+HISTORY_COLUMNS = ("step", "loss", "ce", "aux", "lr", "grad_norm", "removed")
+CURVE_COLUMNS = ("step", "role", "part", "ce_before", "ce_after")
 
 
 # ---------------------------------------------------------------- loss, evaluation, optimiser
@@ -60,6 +64,50 @@ def token_loss(loaded: LoadedModel, ids: Int[torch.Tensor, "batch pos"], seed: i
     logits = loaded.model(input_ids=inputs).logits
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
     return loss, int((labels != -100).sum())
+
+
+def distill_loss(loaded: LoadedModel, teacher: torch.nn.Module, ids: Int[torch.Tensor, "batch pos"], seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(teacher || student) of the next-token distributions (masked tokens for encoders),
+    averaged over the positions the cross-entropy reads, and that cross-entropy: the
+    student learns the original's whole distribution, not only the sampled token."""
+    ids = ids.to(loaded.input_device)
+    if loaded.adapter.causal:
+        logits = loaded.model(input_ids=ids, use_cache=False).logits.float()
+        with torch.no_grad():
+            target = next_token_logprobs(teacher(input_ids=ids, use_cache=False).logits.float())
+        student = next_token_logprobs(logits)
+        ce = next_token_ce(logits, ids).mean()
+    else:
+        inputs, labels = _masked(loaded, ids, seed)
+        chosen = labels != -100
+        logits = loaded.model(input_ids=inputs).logits.float()
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(input_ids=inputs).logits.float()[chosen], dim=-1)
+        student = torch.log_softmax(logits[chosen], dim=-1)
+        ce = F.cross_entropy(logits[chosen], labels[chosen])
+    kl = (target.exp() * (target - student)).sum(dim=-1).mean()
+    return kl, ce
+
+
+def fits_beside(model: torch.nn.Module) -> bool:
+    """Whether a frozen copy of `model` (the distillation teacher) fits in the memory now free."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return need < free / 2
+
+
+def resolved_loss(model: torch.nn.Module, config: RemovalConfig, remove: bool) -> str:
+    """The loss a run trains on: the vanilla control always on cross-entropy (a fine-tune
+    of the data itself, as in the papers); `auto` distils when the teacher fits."""
+    if not remove:
+        return "ce"
+    if config.loss != "auto":
+        return config.loss
+    return "distill" if fits_beside(model) else "ce"
 
 
 @torch.no_grad()
@@ -96,17 +144,20 @@ class FineTuneResult:
     """What one fine-tuning run produced."""
 
     remove: bool
-    history: dict[str, list]  # step, loss, aux, lr, grad_norm, removed
+    history: dict[str, list]  # step, loss, ce, aux, lr, grad_norm, removed
     events: list[RemovalEvent]
     scales: list[dict]  # role, path, kind, scale, first_scale, weight_offset
     eval_before: float
     eval_after: float
     seconds: float
     resumed_from: int | None
+    loss: str = "ce"
+    curve: list[dict] | None = None  # step, role, part, ce_before, ce_after per removal step
 
     def loss_table(self, run: str | None = None) -> pd.DataFrame:
-        """One row per step: run, step, training loss, auxiliary loss, learning rate,
-        gradient norm and the number of norms removed so far."""
+        """One row per step: run, step, training objective (KL to the original when
+        distilling), training cross-entropy, auxiliary loss, learning rate, gradient norm
+        and the number of norms removed so far."""
         name = run or ("ln-removal" if self.remove else "vanilla")
         return pd.DataFrame({k: self.history.get(k, []) for k in HISTORY_COLUMNS}).assign(run=name)[
             ["run", *HISTORY_COLUMNS]]
@@ -116,31 +167,51 @@ class LossNotFinite(UserError):
     """Training stopped on a NaN or infinite loss or gradient; the last checkpoint is kept."""
 
 
-def _data_manifest(train: TokenWindows, evaluation: TokenWindows) -> dict:
+def _data_manifest(train: TokenWindows, evaluation: TokenWindows, loss: str, order: list[str] | None) -> dict:
     return {"train": json.dumps(train.manifest(), sort_keys=True),
-            "eval": json.dumps(evaluation.manifest(), sort_keys=True)}
+            "eval": json.dumps(evaluation.manifest(), sort_keys=True),
+            "loss": loss, "order": json.dumps(order)}
+
+
+def _removed(wrapped: dict[str, RemovableNorm]) -> int:
+    """Norms whose every path divides by a fixed scale (position 0 aside until the last event)."""
+    return sum(1 for w in wrapped.values() if bool(w.frozen) and not bool(w.value_live))
 
 
 def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows, config: RemovalConfig, *,
               remove: bool = True, checkpoint: Path | None = None, checkpoint_every: int = 50,
               resume: bool = False, eval_before: float | None = None, progress: bool = False,
-              on_step: Callable[[int], None] | None = None) -> FineTuneResult:
+              on_step: Callable[[int], None] | None = None, teacher: torch.nn.Module | None = None,
+              order: list[str] | None = None) -> FineTuneResult:
     """Fine-tune `loaded.model` in place for `config.steps` steps, freezing its norms on the
     removal schedule when `remove` (a vanilla fine-tune of the same length otherwise).
 
-    Checkpoints go to `checkpoint` every `checkpoint_every` steps and at the end; with
-    `resume`, training continues from that file when it exists.  A non-finite loss or
-    gradient stops the run before the optimizer step, leaving the last good checkpoint.
+    With the distillation loss the student matches `teacher`'s next-token distribution
+    (a frozen copy of the model as it is now when None).  `order` lists block norms least
+    sensitive first for `config.order == "sensitivity"`.  Before and after each removal
+    step the first `config.curve_tokens` of `evaluation` are evaluated, so the curve shows
+    what each removal costs.  Checkpoints go to `checkpoint` every `checkpoint_every`
+    steps and at the end; with `resume`, training continues from that file when it
+    exists.  A non-finite loss or gradient stops the run before the optimizer step,
+    leaving the last good checkpoint.
     """
     if checkpoint is not None and checkpoint.exists() and not resume:
         raise UserError(f"{checkpoint} already holds a checkpoint: continue it with --resume, "
                         "or delete it or choose another --checkpoint-dir")
+    if remove and config.order == "sensitivity" and order is None:
+        raise UserError("the sensitivity order needs the norms ranked (remove_norms measures them)")
     model = loaded.model
-    wrapped = wrap_norms(loaded, config.momentum) if remove else {}
-    events = removal_schedule([w.site for w in wrapped.values()], config) if remove else []
+    loss_kind = resolved_loss(model, config, remove)
+    if loss_kind == "distill" and teacher is None:
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    wrapped = wrap_norms(loaded, config.momentum, split_value=config.split_value) if remove else {}
+    sites = [w.site for w in wrapped.values()]
+    events = removal_schedule(sites, config, order if config.order == "sensitivity" else None,
+                              value_split_roles(loaded, sites) if config.split_value else frozenset()) if remove else []
     optimizer = make_optimizer(model, config)
-    data = _data_manifest(train, evaluation)
+    data = _data_manifest(train, evaluation, loss_kind, order if config.order == "sensitivity" else None)
     history: dict[str, list] = {k: [] for k in HISTORY_COLUMNS}
+    curve: list[dict] = []
     start, resumed_from, elapsed = 0, None, 0.0
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
@@ -148,10 +219,11 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer"])
         history, start, elapsed = state["history"], state["step"], state["seconds"]
-        eval_before, resumed_from = state["eval_before"], state["step"]
+        eval_before, resumed_from, curve = state["eval_before"], state["step"], state["curve"]
     model.eval()  # no dropout: the papers fine-tune without it, and it keeps resumes exact
     if eval_before is None:
         eval_before = eval_ce(loaded, evaluation)
+    curve_windows = evaluation.head(config.curve_tokens) if remove and config.curve_tokens > 0 else None
     if remove and start == 0:
         # The first removal may come before any training step has measured a scale.
         with tracking(wrapped), torch.no_grad():
@@ -171,17 +243,33 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
                desc="LN removal" if remove else "vanilla fine-tune", unit="step", mininterval=1.0)
     try:
         for step in bar:
-            for event in by_step.get(step, []):
-                wrapped[event.role].freeze(config.shared_first_scale)
+            if step in by_step:
+                before = eval_ce(loaded, curve_windows) if curve_windows is not None else float("nan")
+                for event in by_step[step]:
+                    for wrapper in (wrapped.values() if event.role == FIRST else [wrapped[event.role]]):
+                        wrapper.freeze(config.shared_first_scale, event.part)
+                if curve_windows is not None:
+                    curve.append({"step": step, "role": ",".join(e.role for e in by_step[step]),
+                                  "part": ",".join(e.part for e in by_step[step]), "ce_before": before,
+                                  "ce_after": eval_ce(loaded, curve_windows)})
+                    if progress:
+                        bar.write(f"step {step}: froze {curve[-1]['role']} ({curve[-1]['part']}): held-out CE "
+                                  f"{before:.4f} -> {curve[-1]['ce_after']:.4f}")
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
+            ids = batch_for_step(train, step, config.seed)
             with tracking(wrapped):
-                loss, _ = token_loss(loaded, batch_for_step(train, step, config.seed), config.seed * 7919 + step)
+                if loss_kind == "distill":
+                    loss, ce = distill_loss(loaded, teacher, ids, config.seed * 7919 + step)
+                    objective = loss + config.ce_weight * ce if config.ce_weight > 0 else loss
+                else:
+                    loss, _ = token_loss(loaded, ids, config.seed * 7919 + step)
+                    ce, objective = loss, loss
             aux = aux_std_loss(captured.pop("x"), loaded.adapter.norm_kind, not config.shared_first_scale) \
                 if hook is not None else torch.zeros(())
-            total = loss + config.aux_weight * aux
+            total = objective + config.aux_weight * aux
             if not torch.isfinite(total):
                 _stop(step, f"loss is {total.item()}", checkpoint, last_saved)
             total.backward()
@@ -190,18 +278,19 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
             if not torch.isfinite(grad_norm):
                 _stop(step, f"gradient norm is {grad_norm.item()}", checkpoint, last_saved)
             optimizer.step()
-            removed = sum(1 for w in wrapped.values() if not w.live)
-            for key, value in (("step", step), ("loss", loss.item()), ("aux", aux.item()), ("lr", lr),
-                               ("grad_norm", grad_norm.item()), ("removed", removed)):
+            removed = _removed(wrapped)
+            for key, value in (("step", step), ("loss", loss.item()), ("ce", ce.item()), ("aux", aux.item()),
+                               ("lr", lr), ("grad_norm", grad_norm.item()), ("removed", removed)):
                 history[key].append(value)
-            bar.set_postfix(loss=f"{loss.item():.3f}", norms=f"{removed}/{len(wrapped)}" if remove else "kept")
+            bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}",
+                            norms=f"{removed}/{len(wrapped)}" if remove else "kept")
             done = step + 1
             if checkpoint is not None and (done % checkpoint_every == 0 or done == config.steps):
                 save_checkpoint({
                     "format": CHECKPOINT_FORMAT, "model": loaded.spec.name, "weights_hash": loaded.weights_hash,
                     "remove": remove, "config": asdict(config), "data": data, "step": done,
                     "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": history, "eval_before": eval_before,
+                    "history": history, "curve": curve, "eval_before": eval_before,
                     "seconds": elapsed + time.perf_counter() - started,
                 }, checkpoint)
                 last_saved = done
@@ -213,7 +302,8 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
             hook.remove()
     seconds = elapsed + time.perf_counter() - started
     return FineTuneResult(remove, history, events, frozen_scales(wrapped), eval_before,
-                          eval_ce(loaded, evaluation), seconds, resumed_from)
+                          eval_ce(loaded, evaluation), seconds, resumed_from, loss_kind,
+                          curve if curve_windows is not None else None)
 
 
 def _stop(step: int, what: str, checkpoint: Path | None, last_saved: int | None) -> None:

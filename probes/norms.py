@@ -12,6 +12,7 @@ frozen at that average when the schedule reaches it.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -65,7 +66,8 @@ def norm_sites(loaded: LoadedModel) -> list[NormSite]:
     pre-attention norms, then the final norm, then any other norm found by type (BERT's
     embedding and masked-LM-head LayerNorms).  Norms already frozen are left out."""
     adapter, model = loaded.adapter, loaded.model
-    groups: dict[str, NormGroup] = {"ln2": "mlp", "ln1": "attn", "final_norm": "final"}
+    groups: dict[str, NormGroup] = {"ln2": "mlp", "ln2_post": "mlp", "ln1": "attn", "ln1_post": "attn",
+                                    "final_norm": "final"}
     listed = [(role, path, groups[role.split("[")[0]]) for role, path in adapter.norm_paths(loaded.n_layers)]
     listed_paths = {path for _, path, _ in listed}
     listed += [(f"other:{path}", path, "other") for path, module in model.named_modules()
@@ -94,7 +96,7 @@ def applied_scale(module: torch.nn.Module, x: Float[torch.Tensor, "batch pos d_m
     0 may have its own), computed from `x` for a real one."""
     if isinstance(module, FrozenNorm) and not getattr(module, "live", False):
         scale = module.scale.to(x.dtype).expand(x.shape[:-1]).clone()
-        scale[:, 0] = module.first_scale
+        scale[..., 0] = module.first_scale
         return scale
     real = getattr(module, "real", module)
     return token_scale(x, norm_kind(real), norm_eps(real))
@@ -127,9 +129,13 @@ class RemovableNorm(FrozenNorm):
     """A norm that is the real one until frozen, keeping a running average of its
     per-token scale meanwhile (position 0, the other positions, and all positions apart).
 
-    Live, the output is the wrapped norm's own forward, bit for bit.  `freeze()` turns it
-    into a `FrozenNorm` dividing by the averaged scale.  The wrapped module is held outside
-    the module tree, so each weight appears once in parameters and state dicts.
+    Live, the output is the wrapped norm's own forward, bit for bit.  Freezing follows
+    Baroni et al. (2025): `freeze("all")` divides every position but 0 by the average over
+    the other positions; `freeze("qk")` does so only on the query/key path, while the value
+    projection (hooked by `wrap_norms`) still reads the real norm's output until
+    `freeze("v")`; position 0 (the BOS token) keeps its real scale, still averaged, until
+    `freeze("first")` fixes it too.  The wrapped module is held outside the module tree, so
+    each weight appears once in parameters and state dicts.
     """
 
     def __init__(self, norm: torch.nn.Module, site: NormSite, momentum: float | None):
@@ -141,25 +147,36 @@ class RemovableNorm(FrozenNorm):
         self.momentum = momentum
         self.tracking = False
         self.register_buffer("frozen", torch.tensor(False))
+        self.register_buffer("value_live", torch.tensor(False))
+        self.register_buffer("first_live", torch.tensor(False))
         self.register_buffer("average", torch.zeros(3, dtype=torch.float64))  # first, rest, all
         self.register_buffer("updates", torch.tensor(0))
+        self.pending_value: torch.Tensor | None = None
+        self.value_hook = None
 
     @property
     def live(self) -> bool:
-        return not bool(self.frozen)
+        return not bool(self.frozen) or bool(self.first_live) or bool(self.value_live)
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
-        if bool(self.frozen):
-            return super().forward(x)
-        if self.tracking:
-            self._observe(x.detach())
-        return self.real(x)
+        if not bool(self.frozen):
+            if self.tracking:
+                self._observe(x.detach())
+            return self.real(x)
+        out = super().forward(x)
+        if bool(self.first_live):
+            if self.tracking:
+                self._observe(x.detach())
+            out = torch.cat([self.real(x[..., :1, :]), out[..., 1:, :]], dim=-2)
+        if bool(self.value_live):
+            self.pending_value = self.real(x)
+        return out
 
     @torch.no_grad()
     def _observe(self, x: Float[torch.Tensor, "batch pos d_model"]) -> None:
         s = token_scale(x.float(), self.kind, self.eps)
-        rest = s[:, 1:] if s.shape[1] > 1 else s
-        batch = torch.stack([s[:, 0].mean(), rest.mean(), s.mean()]).double()
+        rest = s[..., 1:] if s.shape[-1] > 1 else s
+        batch = torch.stack([s[..., 0].mean(), rest.mean(), s.mean()]).double()
         self.updates += 1
         if self.updates == 1:
             self.average.copy_(batch)
@@ -168,21 +185,62 @@ class RemovableNorm(FrozenNorm):
         else:
             self.average.mul_(self.momentum).add_((1 - self.momentum) * batch)
 
-    def freeze(self, shared_first_scale: bool) -> None:
+    def freeze(self, shared_first_scale: bool, part: str = "whole") -> None:
+        """Fix the scale of `part`: "whole" (every path and position), "all" (every path,
+        position 0 still live), "qk" (the query/key path), "v" (the value path) or "first"
+        (position 0).  Non-first positions are frozen at their average (Baroni et al.'s
+        non-BOS average), or at the average over all positions with `shared_first_scale`."""
         if int(self.updates) == 0:
             raise RuntimeError("a norm was frozen before its scale was measured")
         first, rest, every = self.average.tolist()
-        self.scale.fill_(every if shared_first_scale else rest)
-        self.first_scale.fill_(every if shared_first_scale else first)
-        self.frozen.fill_(True)
+        if part in ("whole", "all", "qk"):
+            self.scale.fill_(every if shared_first_scale else rest)
+            self.first_scale.fill_(every if shared_first_scale else first)
+            self.frozen.fill_(True)
+            self.value_live.fill_(part == "qk" and self.value_hook is not None)
+            self.first_live.fill_(part != "whole")
+        elif part == "v":
+            self.value_live.fill_(False)
+        elif part == "first":
+            self.first_scale.fill_(self.scale.item() if shared_first_scale else first)
+            self.first_live.fill_(False)
+        else:
+            raise ValueError(f"unknown part {part!r}")
+
+    def feed_value(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        """Forward pre-hook of the value projection: the real norm's output while the value
+        path is live."""
+        if self.pending_value is None:
+            return None
+        value, self.pending_value = self.pending_value, None
+        return (value, *args[1:])
 
 
-def wrap_norms(loaded: LoadedModel, momentum: float | None) -> dict[str, RemovableNorm]:
-    """Replace every real norm by a live `RemovableNorm` (same output); role -> wrapper."""
+def value_projection(loaded: LoadedModel, site: NormSite) -> torch.nn.Module | None:
+    """The value projection a pre-attention norm feeds, where it is a module of its own."""
+    adapter = loaded.adapter
+    layer = re.fullmatch(r"ln1\[(\d+)\]", site.role)
+    if (layer is None or adapter.placement not in ("pre", "peri") or adapter.qkv_layout != "separate"
+            or not adapter.attn_projections):
+        return None
+    return adapter.layer_part(loaded.model, int(layer.group(1)), adapter.attn_projections[-1])
+
+
+def value_split_roles(loaded: LoadedModel, sites: list[NormSite]) -> frozenset[str]:
+    """The pre-attention norms whose value path can be frozen apart from the query/key path."""
+    return frozenset(s.role for s in sites if value_projection(loaded, s) is not None)
+
+
+def wrap_norms(loaded: LoadedModel, momentum: float | None, split_value: bool = False) -> dict[str, RemovableNorm]:
+    """Replace every real norm by a live `RemovableNorm` (same output); role -> wrapper.
+    With `split_value`, each pre-attention norm's value path can be frozen apart."""
     wrapped = {}
     for site in require_norms(loaded):
         wrapper = RemovableNorm(get_module(loaded.model, site.path), site, momentum)
         swap_module(loaded.model, site.path, wrapper)
+        value = value_projection(loaded, site) if split_value else None
+        if value is not None:
+            wrapper.value_hook = value.register_forward_pre_hook(wrapper.feed_value)
         wrapped[site.role] = wrapper
     return wrapped
 
@@ -190,6 +248,8 @@ def wrap_norms(loaded: LoadedModel, momentum: float | None) -> dict[str, Removab
 def unwrap_norms(loaded: LoadedModel, wrapped: dict[str, RemovableNorm]) -> None:
     """Put the real norms back (they share their weights with the wrappers)."""
     for wrapper in wrapped.values():
+        if wrapper.value_hook is not None:
+            wrapper.value_hook.remove()
         swap_module(loaded.model, wrapper.site.path, wrapper.real)
 
 

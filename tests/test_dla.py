@@ -32,7 +32,7 @@ def norm_free():
     for family in CAUSAL:
         loaded = load_model(f"tiny-{family}")
         train, evaluation = RemovalData(seq_len=32, batch_size=4, train_tokens=1024, eval_tokens=256).windows(loaded)
-        fine_tune(loaded, train, evaluation, RemovalConfig(steps=12, start=1, gap_mlp=1, gap_attn=1, gap_final=1,
+        fine_tune(loaded, train, evaluation, RemovalConfig(steps=16, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1,
                                                            lr=1e-3, lr_warmup=2))
         models[family] = loaded
     torch.set_num_threads(before)

@@ -1,7 +1,9 @@
 """LN removal: the fake norm, the schedule, deterministic resume, the norm-free model on
 disk, the payoff of fine-tuning, and the CLI's one-line errors."""
 
+import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,10 +15,10 @@ from layerscope.probes.interventions import FrozenNorm
 from layerscope.probes.ln_removal import (LossNotFinite, RemovableNorm, RemovalConfig, RemovalData, fine_tune,
                                           load_checkpoint, remove_without_finetuning, removal_schedule,
                                           save_norm_free)
-from layerscope.probes.norms import is_real_norm, norm_forward, norm_sites, token_scale
+from layerscope.probes.norms import is_real_norm, norm_forward, norm_sites, token_scale, value_split_roles
 from layerscope.probes.zoo import FROZEN_NORMS_FILE, TINY_FAMILIES, load_model
 
-FAST = RemovalConfig(steps=12, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=2)
+FAST = RemovalConfig(steps=16, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2)
 SMALL_DATA = RemovalData(seq_len=32, batch_size=4, train_tokens=2048, eval_tokens=512)
 
 
@@ -71,14 +73,28 @@ def test_running_average_and_freeze_use_position_zero_apart():
     assert fake.first_scale.item() == fake.scale.item()
 
 
-def test_schedule_removes_pre_mlp_then_pre_attention_then_final_norms():
+def test_schedule_removes_pre_mlp_then_query_key_then_value_paths_then_final_then_position_zero():
     loaded = load_model("tiny-llama")
-    config = RemovalConfig(steps=40, start=3, gap_mlp=2, gap_attn=3, gap_final=5)
-    events = removal_schedule(norm_sites(loaded), config)
-    assert [e.role for e in events] == [*(f"ln2[{l}]" for l in range(4)), *(f"ln1[{l}]" for l in range(4)), "final_norm"]
-    assert [e.step for e in events] == [3, 5, 7, 9, 12, 15, 18, 21, 26]
-    with pytest.raises(UserError, match="removes its last norm .* at step 26, but the budget is 26 steps"):
-        removal_schedule(norm_sites(loaded), RemovalConfig(steps=26, start=3, gap_mlp=2, gap_attn=3, gap_final=5))
+    sites = norm_sites(loaded)
+    split = value_split_roles(loaded, sites)
+    assert split == {f"ln1[{l}]" for l in range(4)}
+    config = RemovalConfig(steps=60, start=3, gap_mlp=2, gap_attn=3, gap_v=4, gap_final=5)
+    events = removal_schedule(sites, config, split=split)
+    assert [(e.role, e.part) for e in events] == [
+        *((f"ln2[{l}]", "all") for l in range(4)), *((f"ln1[{l}]", "qk") for l in range(4)),
+        *((f"ln1[{l}]", "v") for l in range(4)), ("final_norm", "all"), ("*", "first")]
+    assert [e.step for e in events] == [3, 5, 7, 9, 12, 15, 18, 21, 25, 29, 33, 37, 42, 47]
+    unsplit = removal_schedule(sites, config)
+    assert [(e.role, e.part) for e in unsplit][4:9] == [*((f"ln1[{l}]", "all") for l in range(4)), ("final_norm", "all")]
+    with pytest.raises(UserError, match="removes its last norm .* at step 42 and fixes position 0's scale at step 47, "
+                                        "but the budget is 47 steps"):
+        removal_schedule(sites, RemovalConfig(**{**config.__dict__, "steps": 47}), split=split)
+    # The sensitivity order: block norms least sensitive first, each value path right after its q/k path.
+    order = ["ln1[2]", "ln2[3]", "ln2[0]", "ln1[0]", "ln2[1]", "ln1[1]", "ln2[2]", "ln1[3]"]
+    ordered = removal_schedule(sites, config, order, split)
+    assert [(e.role, e.part) for e in ordered][:5] == [("ln1[2]", "qk"), ("ln1[2]", "v"), ("ln2[3]", "all"),
+                                                      ("ln2[0]", "all"), ("ln1[0]", "qk")]
+    assert [e.step for e in ordered][:3] == [3, 7, 9]
 
 
 def test_bert_post_ln_norms_include_embedding_and_head_norms():
@@ -111,8 +127,10 @@ def test_after_the_schedule_no_norm_divides_by_a_data_dependent_scale(family, tm
     # The check can fail: a real norm's output does not follow its input's scale.
     assert not any(_scales_with_its_input(get_module(original.model, s.path), x) for s in norm_sites(original))
     loaded, result = _removed(family)
-    assert len(result.scales) == len(result.events) == len(norm_sites(original))
-    assert result.history["removed"][-1] == len(result.events)
+    roles = [s.role for s in norm_sites(original)]
+    assert sorted(s["role"] for s in result.scales) == sorted(roles)
+    assert {e.role for e in result.events} == {*roles, "*"} and result.events[-1].part == "first"
+    assert result.history["removed"][-1] == len(roles)
     _assert_norm_free(loaded)
     # The saved directory loads through the zoo with the same frozen norms and outputs.
     saved = save_norm_free(loaded, tmp_path / "norm-free", {"base_model": f"tiny-{family}"})
@@ -127,25 +145,38 @@ def test_after_the_schedule_no_norm_divides_by_a_data_dependent_scale(family, tm
     assert str(saved / FROZEN_NORMS_FILE) in map(str, reloaded.weights_files)
 
 
-def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
-    config = RemovalConfig(steps=14, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=3,
-                           aux_weight=0.1)
-    whole, whole_result = _removed("llama", config, checkpoint=tmp_path / "a.pt", checkpoint_every=4)
+# The sensitivity order as `remove_norms` would pass it, value paths and all.
+ORDER = ["ln1[2]", "ln2[3]", "ln2[0]", "ln1[0]", "ln2[1]", "ln1[1]", "ln2[2]", "ln1[3]"]
+
+
+@pytest.mark.parametrize("order", ["fixed", "sensitivity"])
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, order):
+    # Distillation, the q/k then v split, position 0 fixed last and the per-removal curve all on.
+    config = RemovalConfig(steps=18, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=3,
+                           aux_weight=0.1, order=order, loss="distill", ce_weight=0.5, curve_tokens=64)
+    ranked = ORDER if order == "sensitivity" else None
+    whole, whole_result = _removed("llama", config, checkpoint=tmp_path / "a.pt", checkpoint_every=4, order=ranked)
+    assert whole_result.loss == "distill" and {e.part for e in whole_result.events} == {"all", "qk", "v", "first"}
+    assert [(e.role, e.part) for e in whole_result.events][:2] == (
+        [("ln1[2]", "qk"), ("ln1[2]", "v")] if ranked else [("ln2[0]", "all"), ("ln2[1]", "all")])
 
     def interrupt(step):
         if step == 6:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _removed("llama", config, checkpoint=tmp_path / "b.pt", checkpoint_every=4, on_step=interrupt)
+        _removed("llama", config, checkpoint=tmp_path / "b.pt", checkpoint_every=4, on_step=interrupt,
+                 order=ranked)
     assert load_checkpoint(tmp_path / "b.pt")["step"] == 4
     with pytest.raises(UserError, match="already holds a checkpoint"):
-        _removed("llama", config, checkpoint=tmp_path / "b.pt")
+        _removed("llama", config, checkpoint=tmp_path / "b.pt", order=ranked)
     resumed, resumed_result = _removed("llama", config, checkpoint=tmp_path / "b.pt", checkpoint_every=4,
-                                       resume=True)
+                                       resume=True, order=ranked)
     assert resumed_result.resumed_from == 4
     # Steps 4 and 5 ran twice (before the interruption and after the resume); the history holds them once.
     assert resumed_result.history == whole_result.history
+    assert resumed_result.curve == whole_result.curve and len(whole_result.curve) == len(
+        {e.step for e in whole_result.events})
     expected, got = whole.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys()
     for name in expected:
@@ -176,20 +207,55 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
 
 
-def test_fine_tuning_beats_removal_without_fine_tuning():
+@pytest.fixture(scope="module")
+def trained_llama():
+    """tiny-llama made a language model of the default corpus by a short fine-tune, so its
+    norms carry something; with its train and evaluation windows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     loaded = load_model("tiny-llama")
     data = RemovalData(seq_len=64, batch_size=8, train_tokens=32768, eval_tokens=4096)
     train, evaluation = data.windows(loaded)
-    # First make it a language model of the default corpus, so its norms carry something.
     trained = fine_tune(loaded, train, evaluation, RemovalConfig(steps=150, lr=3e-3, lr_warmup=10), remove=False)
+    torch.set_num_threads(before)
     assert trained.eval_after < trained.eval_before - 2
-    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=2)
+    return loaded, train, evaluation, trained.eval_after
+
+
+def _copy(loaded):
+    work = copy.copy(loaded)
+    work.model = copy.deepcopy(loaded.model)
+    return work
+
+
+def test_fine_tuning_beats_removal_without_fine_tuning(trained_llama):
+    loaded, train, evaluation, trained_ce = trained_llama
+    loaded = _copy(loaded)
+    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2)
     without, _ = remove_without_finetuning(loaded, train, evaluation, config)
     assert not any(isinstance(m, FrozenNorm) for m in loaded.model.modules()), "the control leaves the model as it was"
     removed = fine_tune(loaded, train, evaluation, config)
-    assert removed.eval_before == pytest.approx(trained.eval_after, abs=1e-6)
-    assert without > trained.eval_after + 0.05, "freezing every norm at once costs loss"
+    assert removed.eval_before == pytest.approx(trained_ce, abs=1e-6)
+    assert without > trained_ce + 0.05, "freezing every norm at once costs loss"
     assert removed.eval_after < without
+
+
+def test_distillation_ends_lower_than_cross_entropy_at_the_same_budget(trained_llama):
+    loaded, train, evaluation, trained_ce = trained_llama
+    config = RemovalConfig(steps=25, start=2, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=3e-4, lr_warmup=2,
+                           curve_tokens=0)
+    ends = {}
+    for loss in ("ce", "distill"):
+        result = fine_tune(_copy(loaded), train, evaluation, replace(config, loss=loss), teacher=loaded.model)
+        assert result.loss == loss and len(result.history["step"]) == config.steps
+        ends[loss] = result.eval_after
+    # Same steps, same batches: the same tokens.  The distilled run learns the original's
+    # whole next-token distribution besides the sampled token (the default --ce-weight 1;
+    # the tiny teacher is under-trained, so cross-entropy alone also keeps improving it).
+    assert ends["distill"] < ends["ce"] - 0.01, ends
+    # The vanilla control trains on cross-entropy whatever --loss says.
+    control = fine_tune(_copy(loaded), train, evaluation, replace(config, loss="distill", steps=2), remove=False)
+    assert control.loss == "ce"
 
 
 # ---------------------------------------------------------------- CLI
@@ -201,12 +267,12 @@ def _cli(capsys, *argv):
 
 
 TINY_ARGS = ["--seq-len", "32", "--batch-size", "4", "--train-tokens", "1024", "--eval-tokens", "256",
-             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-final", "1"]
+             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-v", "1", "--gap-final", "1"]
 
 
 def test_cli_run_saves_a_loadable_model_and_a_run(capsys, tmp_path):
     runs = tmp_path / "runs"
-    code, out, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(runs),
+    code, out, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "16", "--runs-dir", str(runs),
                           "--checkpoint-every", "4", "--format", "json")
     assert code == 0, err
     payload = json.loads(out)
@@ -224,19 +290,22 @@ def test_cli_run_saves_a_loadable_model_and_a_run(capsys, tmp_path):
     manifest, tables = load_run(payload["run"].split("/")[-1], runs)
     assert manifest["metric"] == "ln-removal" and manifest["status"] == "complete"
     assert manifest["norm_free_model"] == payload["norm_free_model"]
-    assert set(tables) == {"ln_removal_eval", "ln_removal_loss", "ln_removal_schedule"}
+    assert set(tables) == {"ln_removal_eval", "ln_removal_loss", "ln_removal_schedule", "ln_removal_curve"}
+    # One curve row per removal step, each measured before and after its freeze.
+    assert tables["ln_removal_curve"]["step"].tolist() == sorted(set(tables["ln_removal_schedule"]["step"]))
     loss = tables["ln_removal_loss"]
-    assert (loss.groupby("run").size() == 10).all()
-    assert tables["ln_removal_schedule"]["role"].tolist()[-1] == "final_norm"
+    assert (loss.groupby("run").size() == 16).all()
+    assert tables["ln_removal_schedule"]["role"].tolist()[-2:] == ["final_norm", "*"]
     # Without --resume an existing checkpoint is not overwritten.
-    code, _, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "10", "--runs-dir", str(runs))
+    code, _, err = _cli(capsys, "--model", "tiny-gpt2", *TINY_ARGS, "--steps", "16", "--runs-dir", str(runs))
     assert code == 2 and "already holds checkpoints" in err
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "5"], "removes its last norm (final_norm) at step 9, but the budget is 5 steps"),
-    (["--steps", "12", "--resume"], "--resume: no checkpoint in"),
-    (["--steps", "12", "--lr", "1e38", "--grad-clip", "0", "--checkpoint-every", "1"], "at step 1: stopped; the last good checkpoint, with 1 steps done"),
+    (["--steps", "5"], "removes its last norm (final_norm) at step 13 and fixes position 0's scale at step 14, "
+                       "but the budget is 5 steps"),
+    (["--steps", "16", "--resume"], "--resume: no checkpoint in"),
+    (["--steps", "16", "--lr", "1e38", "--grad-clip", "0", "--checkpoint-every", "1"], "at step 1: stopped; the last good checkpoint, with 1 steps done"),
 ])
 def test_cli_bad_input_is_one_line(capsys, tmp_path, extra, message):
     code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--runs-dir", str(tmp_path / "runs"), *extra)
@@ -245,13 +314,13 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, extra, message):
 
 def test_cli_refuses_a_model_without_norms_and_a_resume_for_another_model(capsys, tmp_path):
     runs = str(tmp_path / "runs")
-    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--steps", "10", "--runs-dir", runs,
+    code, _, err = _cli(capsys, "--model", "tiny-llama", *TINY_ARGS, "--steps", "16", "--runs-dir", runs,
                         "--no-control", "--no-save")
     assert code == 0, err
     norm_free = tmp_path / "ln-removal" / "tiny-llama-norm-free"
     code, _, err = _cli(capsys, "--model", str(norm_free), *TINY_ARGS, "--runs-dir", runs)
     assert code == 2 and "has no norm that divides by a data-dependent scale" in err and err.count("\n") == 1
-    code, _, err = _cli(capsys, "--model", "tiny-qwen2", *TINY_ARGS, "--steps", "10", "--runs-dir", runs,
+    code, _, err = _cli(capsys, "--model", "tiny-qwen2", *TINY_ARGS, "--steps", "16", "--runs-dir", runs,
                         "--checkpoint-dir", str(tmp_path / "ln-removal" / "tiny-llama"), "--resume")
     assert code == 2 and "is a run for model 'tiny-llama', not 'tiny-qwen2'" in err and err.count("\n") == 1
 
@@ -260,7 +329,7 @@ def test_tables_flag_a_non_finite_control_and_summarize_against_vanilla():
     from layerscope.analysis.ln_removal import ln_removal_tables, loss_curve_figure, summarize
     from layerscope.probes.ln_removal import FineTuneResult, RemovalEvent
 
-    history = {"step": [0, 1], "loss": [3.0, 2.5], "aux": [0.0, 0.0], "lr": [1e-4, 1e-4], "grad_norm": [1.0, 1.0]}
+    history = {"step": [0, 1], "loss": [3.0, 2.5], "ce": [3.0, 2.5], "aux": [0.0, 0.0], "lr": [1e-4, 1e-4], "grad_norm": [1.0, 1.0]}
     removal = FineTuneResult(True, {**history, "removed": [0, 1]}, [RemovalEvent(1, "final_norm", "model.norm")],
                              [{"role": "final_norm", "scale": 2.0, "first_scale": 9.0}], 3.3, 3.5, 1.0, None)
     control = FineTuneResult(False, {**history, "removed": [0, 0]}, [], [], 3.3, 3.0, 1.0, None)
@@ -269,7 +338,7 @@ def test_tables_flag_a_non_finite_control_and_summarize_against_vanilla():
     assert evals.loc["norm-free", "delta_vs_vanilla"] == pytest.approx(0.5)
     assert evals.loc["removed, no fine-tune", "note"].startswith("loss not finite")
     assert evals.loc["norm-free", "note"] == ""
-    assert tables["ln_removal_schedule"].iloc[0].to_dict() == {"step": 1, "role": "final_norm", "path": "model.norm",
+    assert tables["ln_removal_schedule"].iloc[0].to_dict() == {"step": 1, "role": "final_norm", "part": "all", "path": "model.norm",
                                                                 "scale": 2.0, "first_scale": 9.0}
     assert "norm-free - vanilla +0.5000" in summarize(tables)[0]
     assert len(loss_curve_figure(tables["ln_removal_loss"], tables["ln_removal_schedule"]).data) == 4

@@ -20,10 +20,10 @@ from layerscope.probes.zoo import FROZEN_NORMS_FILE, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = RemovalConfig(steps=11, start=1, gap_mlp=1, gap_attn=1, gap_final=1, lr=1e-3, lr_warmup=2)
+FAST = RemovalConfig(steps=16, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2)
 SMALL_DATA = RemovalData(seq_len=32, batch_size=4, train_tokens=1024, eval_tokens=256)
 TINY_ARGS = ["--seq-len", "32", "--batch-size", "4", "--train-tokens", "1024", "--eval-tokens", "256",
-             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-final", "1", "--steps", "11"]
+             "--start", "1", "--gap-mlp", "1", "--gap-attn", "1", "--gap-v", "1", "--gap-final", "1", "--steps", "16"]
 
 
 def _cli(capsys, *argv):
@@ -60,9 +60,11 @@ def test_remove_norms_returns_named_results_and_leaves_the_model_as_it_was(tmp_p
     options = RemovalOptions(config=FAST, runs_dir=tmp_path / "runs", checkpoint_every=3)
     result = remove_norms(loaded, train, evaluation, options)
     assert isinstance(result, RemovalResult)
-    assert list(result.loss.columns) == ["run", "step", "loss", "aux", "lr", "grad_norm", "removed"]
-    assert result.loss.groupby("run").size().to_dict() == {"ln-removal": 11, "vanilla": 11}
-    assert result.loss[result.loss["run"] == "ln-removal"]["removed"].iloc[-1] == len(result.removal.events)
+    assert list(result.loss.columns) == ["run", "step", "loss", "ce", "aux", "lr", "grad_norm", "removed"]
+    assert result.loss.groupby("run").size().to_dict() == {"ln-removal": 16, "vanilla": 16}
+    assert result.loss[result.loss["run"] == "ln-removal"]["removed"].iloc[-1] == len(result.removal.scales)
+    # Distilled from the untouched original; the control fine-tunes on cross-entropy.
+    assert (result.removal.loss, result.control.loss) == ("distill", "ce")
     assert result.norm_free_model == tmp_path / "ln-removal" / "tiny-llama-norm-free"
     assert result.checkpoint_dir == tmp_path / "ln-removal" / "tiny-llama"
     assert result.eval_before == result.removal.eval_before and result.eval_after == result.removal.eval_after
@@ -218,3 +220,26 @@ def test_damaged_runs_and_crash_leftovers_are_still_listed_and_removable(tmp_pat
     for run_id in rows:
         remove_run(run_id, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sensitivity_order_follows_the_norms_own_kl_measured_by_norm_sensitivity(tmp_path):
+    from dataclasses import replace
+
+    from layerscope.analysis.ln_removal import result_tables
+    from layerscope.analysis.runner import measure
+
+    loaded = load_model("tiny-llama")
+    train, evaluation = SMALL_DATA.windows(loaded)
+    config = replace(FAST, order="sensitivity", sensitivity_tokens=256)
+    result = remove_norms(loaded, train, evaluation, RemovalOptions(config=config, runs_dir=tmp_path / "runs",
+                                                                    control=False))
+    ranked = result_tables(result)["ln_removal_order"]
+    assert ranked["kl_frozen_alone"].is_monotonic_increasing and len(ranked) == 9
+    # The same KLs as the measurement reports for the same tokens.
+    table = measure(loaded, train.head(256), ["norm-sensitivity"]).tables["norm_sensitivity"].set_index("role")
+    for row in ranked.itertuples():
+        assert row.kl_frozen_alone == pytest.approx(table.loc[row.role, "kl_own_first"], rel=1e-6, abs=1e-12)
+    # Block norms are removed in that order; the final norm and position 0 come last.
+    block = [r for r in ranked["role"] if r != "final_norm"]
+    firsts = list(dict.fromkeys(e.role for e in result.removal.events))
+    assert firsts == [*block, "final_norm", "*"]
