@@ -408,12 +408,16 @@ class _RatiosState(PortableState):
 
 @dataclass(frozen=True)
 class LensGrid:
-    """The corpus's first window: its tokens, and each layer's top token and probability at
-    every position."""
+    """One window of the corpus (the reducer's `window`): its tokens, and each layer's top
+    token and probability at every position, its `top_k` tokens and probabilities, and the
+    rank (1 = top) of the true next token (0 at the last position, which has none)."""
 
     input_ids: Int[torch.Tensor, "pos"]
     top_token: Int[torch.Tensor, "layer pos"]
     top_prob: Float[torch.Tensor, "layer pos"]
+    top_k_tokens: Int[torch.Tensor, "layer pos k"] | None = None
+    top_k_probs: Float[torch.Tensor, "layer pos k"] | None = None
+    target_rank: Int[torch.Tensor, "layer pos"] | None = None
 
 
 @dataclass(frozen=True)
@@ -437,20 +441,23 @@ class LogitLens:
     every position (nostalgebraist 2020, "interpreting GPT: the logit lens")."""
 
     name: str = "logit_lens"
+    window: int = 0
+    top_k: int = 5
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point("resid_post", l) for l in range(loaded.n_layers)]
 
     def start(self, loaded: LoadedModel) -> "_LensState":
-        return _LensState(loaded)
+        return _LensState(loaded, self.window, self.top_k)
 
 
 class _LensState(PortableState):
     model_bound = ("loaded",)
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, window: int = 0, top_k: int = 5):
         self.loaded = loaded
         self.n_layers = loaded.n_layers
+        self.window, self.top_k = window, top_k
         self.sums = torch.zeros(loaded.n_layers, 3, dtype=torch.float64)  # ce, correct, kl
         self.tokens = 0
         self.grid: LensGrid | None = None
@@ -460,18 +467,24 @@ class _LensState(PortableState):
 
         targets = batch.input_ids[:, 1:]
         final = Reference.of(batch.logits, batch.input_ids)
-        row = batch.first_row
-        top_ids, top_probs = [], []
+        hit = (batch.windows == self.window).nonzero()
+        row = int(hit[0, 0]) if len(hit) else None
+        top_ids, top_probs, ranks = [], [], []
         for layer in range(self.n_layers):
             logits = unembed(self.loaded, acts[Point("resid_post", layer)])
             compared = compare_to_reference(logits, final)
             self.sums[layer] += torch.tensor([compared["ce"], compared["correct"], compared["kl"]], dtype=torch.float64)
             if row is not None:
-                prob, token = torch.softmax(logits[row], dim=-1).max(dim=-1)
+                probs = torch.softmax(logits[row].float(), dim=-1)
+                prob, token = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
                 top_ids.append(token)
                 top_probs.append(prob)
+                target = probs[:-1].gather(-1, batch.input_ids[row, 1:, None])
+                rank = (probs[:-1] > target).sum(-1) + 1
+                ranks.append(torch.cat([rank, rank.new_zeros(1)]))
         if row is not None:
-            self.grid = LensGrid(batch.input_ids[row], torch.stack(top_ids), torch.stack(top_probs))
+            ids, probs = torch.stack(top_ids), torch.stack(top_probs)
+            self.grid = LensGrid(batch.input_ids[row], ids[..., 0], probs[..., 0], ids, probs, torch.stack(ranks))
         self.tokens += targets.numel()
 
     def merge(self, other: "_LensState") -> None:
@@ -480,7 +493,7 @@ class _LensState(PortableState):
         self.tokens += other.tokens
         if other.grid is not None:
             if self.grid is not None:
-                raise ValueError("both logit-lens states hold the corpus's first window: their windows overlap")
+                raise ValueError("both logit-lens states hold the lens window: their windows overlap")
             self.grid = other.grid
 
     def result(self) -> LogitLensResult:
