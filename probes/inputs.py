@@ -47,8 +47,8 @@ def text_windows(model: LoadedModel, text: str, batch_size: int = 8, max_length:
     left_out = len(body) - n_windows * per_window
     if n_windows > 1 or left_out:
         warnings.warn(f"the text is {len(body)} tokens, longer than one window of {length}: it is measured as "
-                      f"{n_windows} windows of {per_window} text tokens"
-                      + (" each after BOS" if bos else "")
+                      f"{n_windows} window{'s' if n_windows > 1 else ''} of {per_window} text tokens"
+                      + (" after BOS" if bos else "")
                       + (f", and its last {left_out} tokens are left out" if left_out else ""))
     ids = torch.tensor(body[:n_windows * per_window]).view(n_windows, per_window)
     if bos:
