@@ -65,18 +65,26 @@ def _axis_values(fig: go.Figure, axis: str) -> np.ndarray:
 
 
 def _decade_ticks(fig: go.Figure, axis: str) -> None:
-    """A log axis spanning a decade or more is labelled at powers of ten only; plotly's own
-    choice labels the minor ticks 2 and 5 with bare digits, which read as values."""
+    """A log axis labelled with whole numbers a reader can take at face value: powers of
+    ten when the values span a decade or more, else 1-2-5 steps (or every digit) inside
+    their range.  Plotly's own choice labels the minor ticks 2 and 5 with bare digits,
+    which read as values."""
     values = _axis_values(fig, axis)
     values = values[np.isfinite(values) & (values > 0)]
     if not len(values):
         return
-    low, high = math.floor(math.log10(values.min())), math.ceil(math.log10(values.max()))
-    if high - low >= 1:
-        fig.layout[axis].update(dtick=1, exponentformat="power", showexponent="all",
-                                minor={"ticks": "inside", "ticklen": 3, "showgrid": True, "dtick": "D1"})
-    else:
-        fig.layout[axis].update(tickformat="~g")
+    low, high = float(values.min()), float(values.max())
+    if math.log10(high / low) >= 1:
+        fig.layout[axis].update(dtick=1, exponentformat="power", showexponent="all")
+        return
+    decades = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+    for mantissas in ((1, 2, 5), range(1, 10)):
+        ticks = [m * 10.0 ** k for k in decades for m in mantissas if low <= m * 10.0 ** k <= high]
+        if len(ticks) >= 3:
+            break
+    if len(ticks) < 2:
+        ticks = [low, high]
+    fig.layout[axis].update(tickmode="array", tickvals=ticks, ticktext=[f"{t:.3g}" for t in ticks])
 
 
 def themed(fig: go.Figure) -> go.Figure:
