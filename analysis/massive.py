@@ -240,7 +240,13 @@ def persistence_figure(dims: pd.DataFrame) -> go.Figure:
                                     [shown_token(t) for t in massive["token"]]]) if len(massive) else None,
         hovertemplate="layer %{x}, %{y}<br>max |x| %{customdata[0]}<br>position %{customdata[1]}, "
                       "token %{customdata[2]}<extra></extra>"))
-    fig.update_xaxes(title_text="layer (block output)", range=[-0.5, dims["layer"].max() + 0.5])
+    if not len(massive):
+        fig.add_annotation(text="no (layer, dim) reaches the massive threshold", showarrow=False,
+                           xref="paper", yref="paper", x=0.5, y=0.5, font={"size": 14})
+        fig.update_yaxes(showticklabels=False)
+    else:
+        fig.update_xaxes(range=[-0.5, dims["layer"].max() + 0.5])
+    fig.update_xaxes(title_text="layer (block output)")
     fig.update_yaxes(title_text="residual dim", type="category", categoryorder="array", categoryarray=order)
     fig.update_layout(title="Massive dims by layer" + ("" if len(massive) else ": none found"),
                       height=200 + 36 * max(len(order), 2))

@@ -65,16 +65,16 @@ def _axis_values(fig: go.Figure, axis: str) -> np.ndarray:
 
 
 def _decade_ticks(fig: go.Figure, axis: str) -> None:
-    """A log axis labelled with whole numbers a reader can take at face value: powers of
-    ten when the values span a decade or more, else 1-2-5 steps (or every digit) inside
-    their range.  Plotly's own choice labels the minor ticks 2 and 5 with bare digits,
+    """A log axis labelled with numbers a reader can take at face value: powers of ten
+    when the values span more than three decades, else 1-2-5 steps (or every digit)
+    inside their range.  Plotly's own choice labels the minor ticks 2 and 5 with bare digits,
     which read as values."""
     values = _axis_values(fig, axis)
     values = values[np.isfinite(values) & (values > 0)]
     if not len(values):
         return
     low, high = float(values.min()), float(values.max())
-    if math.log10(high / low) >= 1:
+    if math.log10(high / low) > 3:
         fig.layout[axis].update(dtick=1, exponentformat="power", showexponent="all")
         return
     decades = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)

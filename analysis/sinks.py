@@ -175,15 +175,16 @@ def pattern_tables(example: PatternExampleResult | None, decode, causal: bool) -
 def sinks_figure(heads: pd.DataFrame) -> go.Figure:
     """Heatmaps over layer and head: alpha_0, value-norm ratio and attention entropy, each
     with its own colour bar."""
-    panels = (("alpha_0", "alpha_0 (mass on key 0)", "alpha_0"), ("value_norm_ratio", "||v_0|| / mean ||v||", "ratio"),
-              ("entropy", "attention entropy (nats)", "nats"))
-    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title, _ in panels], horizontal_spacing=0.09)
-    for col, (column, _, unit) in enumerate(panels, start=1):
+    panels = (("alpha_0", "alpha_0 (mass on key 0)"), ("value_norm_ratio", "||v_0|| / mean ||v||"),
+              ("entropy", "attention entropy (nats)"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title in panels], horizontal_spacing=0.11)
+    for col, (column, _) in enumerate(panels, start=1):
         grid = heads.pivot(index="layer", columns="head", values=column)
         right = fig.layout[f"xaxis{col if col > 1 else ''}"].domain[1]
+        # Each panel's own colour bar, just right of it; the panel's title names the value.
         fig.add_heatmap(z=grid.values, x=grid.columns, y=grid.index, row=1, col=col, colorscale="Viridis",
-                        colorbar={"title": {"text": unit, "side": "right"}, "x": right + 0.005, "xanchor": "left",
-                                  "thickness": 10, "len": 0.9},
+                        colorbar={"x": right + 0.005, "xanchor": "left", "thickness": 10, "len": 0.9,
+                                  "tickfont": {"size": 10}},
                         hovertemplate=f"layer %{{y}}, head %{{x}}<br>{column} %{{z:.3g}}<extra></extra>")
         fig.update_xaxes(title_text="head", row=1, col=col, dtick=1)
         fig.update_yaxes(title_text="layer" if col == 1 else None, row=1, col=col, dtick=2 if len(grid) > 16 else 1)

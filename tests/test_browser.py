@@ -53,8 +53,8 @@ MODEL_LOAD_SECONDS = 240
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Every measurement of the tiny model on the short text, stored as the app stores
-    them; a survey of both models (the tiny one with the effect of each skip on later
-    layers, Csordás et al.'s heatmap)."""
+    them, and a survey of it with the effect of each skip on later layers (Csordás et
+    al.'s heatmap)."""
     root = tmp_path_factory.mktemp("browser") / "runs"
     settings = AppSettings(root, (root.parent,))
     corpus = corpus_choice("text", SHORT_TEXT, "", 0, 0, settings)
@@ -65,9 +65,15 @@ def store(tmp_path_factory):
             key = measurement_key(metric, TINY, corpus, metric.options(), "hooks")
             stored[metric.name] = measure(metric, loaded, corpus, metric.options(), key, settings)
     surveys = {TINY: ls.measure(loaded, SHORT_TEXT, options={"layer-skip": {"future": True}}).save(root).name}
-    real = load_model(REAL)
-    surveys[REAL] = ls.measure(real, SHORT_TEXT, REAL_SURVEY).save(root).name
     return root, stored, surveys
+
+
+@pytest.fixture(scope="module")
+def real_survey(store):
+    """A survey of SmolLM2 on the short text, in the same store."""
+    root, _, surveys = store
+    surveys[REAL] = ls.measure(load_model(REAL), SHORT_TEXT, REAL_SURVEY).save(root).name
+    return surveys[REAL]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +180,8 @@ def _numbers(labels: list[str]) -> list[float]:
     """Tick labels as numbers: "20%", "0.05", "\u22121", or a power of ten read as "10^\u22122"."""
     numbers = []
     for label in labels:
-        label = label.replace("%", "").replace("\u2212", "-").strip()
+        label = label.replace("%", "").replace("\u2212", "-").replace("\u200b", "").strip()
+        label = re.sub(r"\^+", "^", label).strip("^")
         power = re.fullmatch(r"10\^(-?\d+)", label)
         numbers.append(10.0 ** int(power.group(1)) if power else float(label))
     return numbers
@@ -198,7 +205,7 @@ def _hover_sink_cell(page, chart) -> str:
     page.mouse.move(area["x"] + area["width"] * 0.5 / n, area["y"] + area["height"] * 1.5 / n)
     hover = chart.locator(".hoverlayer .hovertext")
     hover.first.wait_for(timeout=5000)
-    return hover.first.inner_text()
+    return hover.first.text_content()
 
 
 def _choose(page, model: str) -> None:
@@ -229,7 +236,7 @@ def _check_measurement(page, name: str, drawn: list[dict], tables: dict, where: 
         chart = page.locator(".js-plotly-plot", has=page.locator(".gtitle", has_text="Attention pattern"))
         chart.scroll_into_view_if_needed()
         assert chart.locator(".shapelayer path").count() >= 1
-        assert "sink column: key 0" in chart.locator(".annotation").first.inner_text()
+        assert "sink column: key 0" in chart.locator(".annotation").first.text_content()
         hover = _hover_sink_cell(page, chart)
         assert "query 1:" in hover and "\u2192 0:" in hover and "weight" in hover, hover
         chart.screenshot(path=str(ARTIFACTS / f"app_{where}_attention_pattern.png"))
@@ -274,7 +281,7 @@ def test_every_page_of_the_tiny_model(browser, app_url, store):
     _check_common("compare", page.evaluate(CHARTS_JS))
 
 
-def test_every_page_of_smollm2(browser, app_url, store):
+def test_every_page_of_smollm2(browser, app_url, store, real_survey):
     root, _, surveys = store
     page = browser.new_page()
     page.goto(app_url)
