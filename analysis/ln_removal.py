@@ -104,7 +104,7 @@ def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None) 
     fig.update_layout(title="LN removal: training loss while the norms are frozen one by one",
                       xaxis_title="training step", yaxis_title="cross-entropy (nats)",
                       yaxis2={"title": "norms removed", "overlaying": "y", "side": "right", "rangemode": "tozero",
-                              "tickformat": "d", "showgrid": False}, legend={"x": 1.08})
+                              "tickformat": "d", "showgrid": False})
     return fig
 
 

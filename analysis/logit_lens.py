@@ -86,8 +86,7 @@ def curve_figure(table: pd.DataFrame) -> go.Figure:
                       yaxis_title="cross-entropy, KL (nats)",
                       yaxis2={"title": "top-1 accuracy", "overlaying": "y", "side": "right", "range": [0, 1.02],
                               "tickmode": "array", "tickvals": [0, 0.2, 0.4, 0.6, 0.8, 1.0],
-                              "ticktext": ["0%", "20%", "40%", "60%", "80%", "100%"], "showgrid": False},
-                      legend={"x": 1.08})
+                              "ticktext": ["0%", "20%", "40%", "60%", "80%", "100%"], "showgrid": False})
     integer_axis(fig, "xaxis", table["layer"])
     return fig
 

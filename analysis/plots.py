@@ -79,7 +79,8 @@ def _decade_ticks(fig: go.Figure, axis: str) -> None:
         return
     decades = range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
     for mantissas in ((1, 2, 5), range(1, 10)):
-        ticks = [m * 10.0 ** k for k in decades for m in mantissas if low <= m * 10.0 ** k <= high]
+        # Plotly pads the range a little beyond the data; a tick there is still drawn.
+        ticks = [m * 10.0 ** k for k in decades for m in mantissas if low / 1.25 <= m * 10.0 ** k <= high * 1.25]
         if len(ticks) >= 3:
             break
     if len(ticks) < 2:
@@ -94,7 +95,9 @@ def themed(fig: go.Figure) -> go.Figure:
     fig.update_layout(template="plotly_white", font=FONT, title={"text": wrapped_title(title), "x": 0.01,
                                                                   "xanchor": "left", "font": {"size": 15}},
                       margin={"t": 50 + 20 * lines, "l": 70, "r": 30, "b": 60}, hoverlabel={"font_size": 12},
-                      legend={"orientation": "v", "yanchor": "top", "y": 1, "xanchor": "left", "x": 1.02})
+                      legend={"orientation": "v", "yanchor": "top", "y": 1, "xanchor": "left",
+                              # clear of a right-hand axis's tick labels and title
+                              "x": 1.12 if fig.layout.to_plotly_json().get("yaxis2", {}).get("side") == "right" else 1.02})
     for axis in [name for name in fig.layout if name.startswith(("xaxis", "yaxis"))]:
         layout_axis = fig.layout[axis]
         layout_axis.update(automargin=True)

@@ -22,6 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import layerscope as ls
@@ -143,7 +144,7 @@ CHARTS_JS = """
         colorbars: gd.querySelectorAll('.colorbar').length,
         titleFits: !box || (box.left >= frame.left - 1 && box.right <= frame.right + 1),
         xticks: [...gd.querySelectorAll('.xaxislayer-above .xtick text')].map(t => t.textContent),
-        y2ticks: [...gd.querySelectorAll('.yaxislayer-above .y2tick text')].map(t => t.textContent),
+        y2ticks: [...gd.querySelectorAll('.y2tick text')].map(t => t.textContent),
         // A power of ten is "10" and a raised exponent: read as "10^-2".
         logTickLabels: [...gd.querySelectorAll('.yaxislayer-above .ytick text')].map(t =>
             t.querySelector('tspan') ? [...t.childNodes].map(n => n.textContent).filter(x => x).join('^')
@@ -154,8 +155,16 @@ CHARTS_JS = """
 """
 
 
-def _open_page(page, title: str, charts: int) -> list[dict]:
+def _nav(page, title: str) -> None:
+    """Click a page in the sidebar, first unfolding the list where Streamlit shortened it."""
+    more = page.get_by_text(re.compile(r"^View \d+ more$"))
+    if more.count():
+        more.click()
     page.locator("[data-testid='stSidebarNavLink']", has_text=re.compile(f"^{re.escape(title)}$")).click()
+
+
+def _open_page(page, title: str, charts: int) -> list[dict]:
+    _nav(page, title)
     page.locator("h1", has_text=re.compile(f"^{re.escape(title)}$")).wait_for(timeout=60_000)
     # Streamlit keeps the last page's elements, greyed, until the new ones replace them.
     page.wait_for_function("!document.querySelector('[data-stale=\"true\"]')", timeout=60_000)
@@ -224,8 +233,7 @@ def _check_measurement(page, name: str, drawn: list[dict], tables: dict, where: 
         assert len(ticks) >= 3 and ticks == sorted(set(ticks)), drawn[0]["y2ticks"]
     if name == "dla":
         table = tables["dla"]
-        labels = [c if layer != layer or layer is None else f"{c} {int(layer)}"
-                  for c, layer in zip(table["component"], table["layer"].astype(object))]
+        labels = [c if pd.isna(layer) else f"{c} {int(layer)}" for c, layer in zip(table["component"], table["layer"])]
         assert drawn[0]["xticks"] == labels
     if name == "block-influence":
         n_layers = tables["block_influence"]["layer"].nunique()
@@ -265,7 +273,7 @@ def test_every_page_of_the_tiny_model(browser, app_url, store):
     _screenshot(page, ARTIFACTS / f"app_{TINY}_overview.png")
     for name, metric in METRICS.items():
         if name == PRESSED:
-            page.locator("[data-testid='stSidebarNavLink']", has_text=re.compile(f"^{name}$")).click()
+            _nav(page, name)
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_role("button", name="Run again", exact=True).wait_for(timeout=60_000)
             stored[name] = next(row["run_id"] for row in list_runs(root) if row["metric"] == PRESSED)
@@ -275,7 +283,7 @@ def test_every_page_of_the_tiny_model(browser, app_url, store):
         assert len(drawn) == len(metric.draw(tables)) + len(metric.views_for(tables)), name
         assert page.get_by_role("button", name="Run again", exact=True).count() == 1
         _check_measurement(page, name, drawn, tables, TINY)
-    page.locator("[data-testid='stSidebarNavLink']", has_text="Compare").click()
+    _nav(page, "Compare")
     page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=60_000)
     _screenshot(page, ARTIFACTS / f"app_{TINY}_compare.png")
     _check_common("compare", page.evaluate(CHARTS_JS))
@@ -291,10 +299,10 @@ def test_every_page_of_smollm2(browser, app_url, store, real_survey):
     assert "30" in [m.inner_text().split("\n")[-1] for m in page.locator("[data-testid='stMetric']").all()]
     _screenshot(page, ARTIFACTS / f"app_{REAL}_overview.png")
     for name in METRICS:
-        page.locator("[data-testid='stSidebarNavLink']", has_text=re.compile(f"^{name}$")).click()
+        _nav(page, name)
         page.get_by_role("button", name="Run", exact=True).wait_for(timeout=60_000)
         assert f"has not been measured on {REAL}" in page.locator("[data-testid='stAlert']").first.inner_text()
-    page.locator("[data-testid='stSidebarNavLink']", has_text="Stored runs").click()
+    _nav(page, "Stored runs")
     page.locator(".st-key-open_run input").click()
     page.get_by_role("option", name=re.compile(re.escape(surveys[REAL]))).click()
     manifest, tables = load_run(surveys[REAL], root)
