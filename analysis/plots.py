@@ -110,7 +110,13 @@ def integer_axis(fig: go.Figure, axis: str = "xaxis", values=None) -> None:
     """Whole-number ticks for an axis that counts (layers, blocks removed): never 0.5."""
     count = len(set(values)) if values is not None else None
     step = 1 if count is None or count <= 32 else math.ceil(count / 32)
-    fig.layout[axis].update(tickmode="linear", dtick=step, tickformat="d")
+    fig.layout[axis].update(tickmode="linear", tick0=0, dtick=step, tickformat="d")
+    if values is not None and count:
+        # Just past the first and last value: plotly's own padding can reach one more tick.
+        low, high = float(min(values)), float(max(values))
+        reversed_axis = fig.layout[axis].autorange == "reversed"
+        fig.layout[axis].update(range=[high + 0.6, low - 0.6] if reversed_axis else [low - 0.6, high + 0.6],
+                                autorange=False)
 
 
 FIGURES = {"residual_stats": residual_stats_figure}

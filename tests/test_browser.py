@@ -284,7 +284,9 @@ def test_every_page_of_the_tiny_model(browser, app_url, store):
         assert page.get_by_role("button", name="Run again", exact=True).count() == 1
         _check_measurement(page, name, drawn, tables, TINY)
     _nav(page, "Compare")
-    page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=60_000)
+    page.locator("h1", has_text="Compare two runs").wait_for(timeout=60_000)
+    page.wait_for_function("!document.querySelector('[data-stale=\"true\"]')", timeout=60_000)
+    page.wait_for_timeout(1000)
     _screenshot(page, ARTIFACTS / f"app_{TINY}_compare.png")
     _check_common("compare", page.evaluate(CHARTS_JS))
 
