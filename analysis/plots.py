@@ -85,7 +85,7 @@ def _decade_ticks(fig: go.Figure, axis: str) -> None:
             break
     if len(ticks) < 2:
         ticks = [low, high]
-    fig.layout[axis].update(tickmode="array", tickvals=ticks, ticktext=[f"{t:.3g}" for t in ticks])
+    fig.layout[axis].update(tickmode="array", tickvals=ticks, ticktext=[f"{t:,.0f}" if t >= 1000 else f"{t:.3g}" for t in ticks])
 
 
 def themed(fig: go.Figure) -> go.Figure:
