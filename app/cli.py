@@ -163,6 +163,8 @@ def _add_metric_options(parser: argparse.ArgumentParser, options_type: type) -> 
 # their parsers are built only when the command line names them, so that `--help`,
 # `models` and `runs` start in a fraction of a second.
 HEAVY_COMMANDS = {"analyze": "run a measurement", "survey": "run every measurement and print a summary",
+                  "compare": "several models side by side by relative depth: norm growth, Block Influence, "
+                             "sublayer contributions, massive activations",
                   "ln-removal": "remove every LayerNorm/RMSNorm by fine-tuning (Heimersheim 2024; Baroni et al. 2025)"}
 
 
@@ -197,12 +199,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         _add_corpus_args(survey)
         survey.add_argument("--metrics", help="comma-separated subset (default: all)")
 
-    compare = sub.add_parser("compare", help="several models side by side by relative depth: norm growth, "
-                                             "Block Influence, sublayer contributions, massive activations")
-    compare.add_argument("--models", default=",".join(COMPARED_MODELS),
-                         help=f"comma-separated models (default: {','.join(COMPARED_MODELS)})")
-    _add_corpus_args(compare, one_model=False)
-    compare.add_argument("-o", "--output", help="also write the figure and tables as one HTML page here")
+    if "compare" in full:
+        compare = sub.add_parser("compare", help=HEAVY_COMMANDS["compare"])
+        compare.add_argument("--models", default=",".join(COMPARED_MODELS),
+                             help=f"comma-separated models (default: {','.join(COMPARED_MODELS)})")
+        _add_corpus_args(compare, one_model=False)
+        compare.add_argument("-o", "--output", help="also write the figure and tables as one HTML page here")
+    else:
+        sub.add_parser("compare", help=HEAVY_COMMANDS["compare"])
 
     runs = sub.add_parser("runs", help="list, show, remove or export stored runs")
     # One parser per action, so that options may come before the run id (`rm --force ID`).
