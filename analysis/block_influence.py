@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
 from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.plots import integer_axis
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.errors import UserError
 from layerscope.probes.reducers import CosineMeans, LayerCosines
@@ -84,7 +86,25 @@ def figure(table: pd.DataFrame) -> go.Figure:
         fig.add_scatter(x=rows["layer"], y=rows["block_influence"], mode="lines+markers", name=f"block{suffix}",
                         hovertemplate="layer %{x}<br>block BI %{y:.4f}<extra></extra>")
     fig.update_layout(title="Block Influence (1 - cos) per layer", barmode="group",
-                      xaxis_title="layer", yaxis_title="1 - mean cosine")
+                      xaxis_title="layer", yaxis_title="Block Influence (1 - mean cosine)")
+    integer_axis(fig, "xaxis", table["layer"])
+    return fig
+
+
+def sorted_figure(table: pd.DataFrame) -> go.Figure:
+    """The blocks in ShortGPT's removal order, lowest Block Influence first, on a log scale,
+    so that one large block (often block 0) does not flatten the rest."""
+    fig = go.Figure()
+    for placement, rows in _by_placement(table):
+        ordered = rows.sort_values("block_influence")
+        suffix = f" ({placement})" if placement else ""
+        fig.add_bar(x=[f"block {l}" for l in ordered["layer"]], y=ordered["block_influence"].clip(lower=1e-6),
+                    name=f"block{suffix}", customdata=np.arange(len(ordered)),
+                    hovertemplate="%{x}<br>BI %{y:.4g}<br>removal rank %{customdata} (0 = first)<extra></extra>")
+    fig.update_layout(title="Block Influence in removal order (log scale)", barmode="group",
+                      xaxis_title="block, lowest influence first", yaxis_title="Block Influence (1 - mean cosine)",
+                      xaxis={"tickangle": -60})
+    fig.update_yaxes(type="log")
     return fig
 
 
@@ -108,5 +128,6 @@ def summarize(tables: Tables) -> list[str]:
 
 
 METRIC = Metric("block-influence", "Block Influence (ShortGPT) per block and sublayer, with removal order",
-                probe=probe, tables=tables, options=BlockInfluenceOptions, figures=lambda t: [figure(t["block_influence"])],
+                probe=probe, tables=tables, options=BlockInfluenceOptions, figures=lambda t: [figure(t["block_influence"]),
+                                                                            sorted_figure(t["block_influence"])],
                 summarize=summarize)

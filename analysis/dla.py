@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.metric import Metric, Tables, View
+from layerscope.analysis.plots import COMPONENT_COLOURS, shown_token
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.direct_logit import DirectLogitAttribution, DLAResult
@@ -91,24 +93,40 @@ def tables(captured: Capture, loaded: LoadedModel, options: DLAOptions) -> Table
     return dla(captured, decode=loaded.tokenizer.decode)
 
 
+def _component_axis(fig: go.Figure, labels: list[str]) -> None:
+    # Every label drawn: left to plotly, a category axis of 60 components shows every other one.
+    fig.update_xaxes(tickmode="array", tickvals=labels, ticktext=labels, tickangle=-90,
+                     tickfont={"size": 10 if len(labels) <= 40 else 9}, categoryorder="array", categoryarray=labels)
+
+
+def _component_bars(fig: go.Figure, labels: list[str], components, values, hover: str) -> None:
+    """One bar trace per component kind, so that the legend names each colour."""
+    frame = pd.DataFrame({"label": labels, "component": list(components), "value": list(values)})
+    for component, rows in frame.groupby("component", sort=False):
+        fig.add_bar(x=rows["label"], y=rows["value"], name=component, legendgroup=component,
+                    marker_color=COMPONENT_COLOURS.get(component, "#888"), hovertemplate=hover)
+
+
 def dla_figure(table: pd.DataFrame, check: pd.DataFrame | None = None) -> go.Figure:
     """Mean direct logit attribution of each component in residual order, with the mean
     direct effect beside it (the two coincide on a norm-free model)."""
     labels = [_label(c, l) for c, l in zip(table["component"], table["layer"])]
-    colours = {"embed": "#636efa", "attn": "#ef553b", "mlp": "#00cc96", "bias": "#ab63fa"}
     fig = go.Figure()
-    fig.add_bar(x=labels, y=table["value"], name="DLA (scale frozen per token)",
-                marker_color=[colours[c] for c in table["component"]])
+    _component_bars(fig, labels, table["component"], table["value"],
+                    "%{x}<br>mean DLA %{y:.4f}<extra></extra>")
     fig.add_scatter(x=labels, y=table["direct_effect"], name="direct effect (component removed)",
-                    mode="markers", marker={"color": "black", "symbol": "x"})
+                    mode="markers", marker={"color": "black", "symbol": "x", "size": 6},
+                    hovertemplate="%{x}<br>direct effect %{y:.4f}<extra></extra>")
     title = "Direct logit attribution by component"
     if check is not None and not check.empty:
         row = check.iloc[0]
-        kind = "norm-free model" if row["norm_free"] else "model with a real final norm"
-        title += (f" ({kind}; token {row['token']}: mean logit {row['mean_logit']:.3f}, "
+        kind = "norm-free model" if row["norm_free"] else "real final norm"
+        title += (f"<br><sub>{kind}; token {row['token']}: mean logit {row['mean_logit']:.3f}, "
                   f"max |sum - logit| {row['max_abs_gap']:.2g}, mean |sum of direct effects - logit| "
-                  f"{row['direct_sum_gap']:.2g})")
-    fig.update_layout(title=title, xaxis_title="component", yaxis_title="mean logit contribution")
+                  f"{row['direct_sum_gap']:.2g}</sub>")
+    fig.update_layout(title=title, xaxis_title="component (residual order)",
+                      yaxis_title="mean logit contribution", barmode="overlay", height=520)
+    _component_axis(fig, labels)
     return fig
 
 
@@ -122,13 +140,42 @@ def dla_tokens_figure(tokens: pd.DataFrame) -> go.Figure:
     order = list(dict.fromkeys(tokens["label"]))
     grid = grid.loc[order]
     axis = tokens.drop_duplicates("position").set_index("position")
+    targets = np.array([[shown_token(axis.loc[p, "target"]) for p in grid.columns]] * len(order))
     fig = go.Figure(go.Heatmap(
-        z=grid.values, x=[f"{p}: {axis.loc[p, 'token']!r}" for p in grid.columns], y=order,
-        colorscale="RdBu", zmid=0, colorbar={"title": "logit"},
-        hovertemplate="%{y}<br>%{x}<br>%{z:.3f}<extra></extra>"))
-    fig.update_layout(title="Direct logit attribution per token of the first window (target: the next token "
-                            "unless chosen otherwise)", yaxis={"autorange": "reversed"})
+        z=grid.values, x=[f"{p}: {shown_token(axis.loc[p, 'token'])}" for p in grid.columns], y=order,
+        colorscale="RdBu", zmid=0, colorbar={"title": "logit"}, customdata=targets,
+        hovertemplate="%{y}<br>position %{x}<br>target %{customdata}<br>term %{z:.3f}<extra></extra>"))
+    fig.update_layout(title="Direct logit attribution per token of the first window<br><sub>target: the next token "
+                            "unless chosen otherwise</sub>", yaxis={"autorange": "reversed", "tickfont": {"size": 10}},
+                      xaxis_title="position: input token", yaxis_title="component",
+                      height=max(420, 160 + 11 * len(order)), xaxis={"tickangle": -60})
     return fig
+
+
+def position_figure(tokens: pd.DataFrame, position: int) -> go.Figure:
+    """What each component writes into the target token's logit at one position of the
+    first window (the LLM Transparency Tool's per-token view), with the model's logit."""
+    rows = tokens[tokens["position"] == position]
+    labels = [_label(c, l) for c, l in zip(rows["component"], rows["layer"])]
+    first = rows.iloc[0]
+    fig = go.Figure()
+    _component_bars(fig, labels, rows["component"], rows["value"], "%{x}<br>term %{y:.4f}<extra></extra>")
+    fig.update_layout(title=f"Direct logit attribution at position {position} ({shown_token(first['token'])}) "
+                            f"to the target {shown_token(first['target'])}<br><sub>terms sum to "
+                            f"{rows['value'].sum():.3f}; the model's logit is {first['logit']:.3f}</sub>",
+                      xaxis_title="component (residual order)", yaxis_title="logit contribution", height=480)
+    _component_axis(fig, labels)
+    return fig
+
+
+def _position_controls(tables: Tables) -> dict:
+    tokens = tables["dla_tokens"]
+    positions = sorted(tokens["position"].unique().tolist())
+    return {"position": (positions, positions[-1])}
+
+
+POSITION_VIEW = View("DLA at a chosen position", _position_controls,
+                     lambda tables, position: position_figure(tables["dla_tokens"], position), needs=("dla_tokens",))
 
 
 def _figures(tables: Tables) -> list[go.Figure]:
@@ -153,4 +200,4 @@ def _display(tables: Tables) -> Tables:
 
 METRIC = Metric("dla", "direct logit attribution of the embedding and each attention and MLP output "
                 "(exact on a norm-free model)", probe=probe, tables=tables, options=DLAOptions, figures=_figures,
-                summarize=_summarize, display=_display, causal_only=True)
+                views=(POSITION_VIEW,), summarize=_summarize, display=_display, causal_only=True)

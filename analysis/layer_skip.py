@@ -12,17 +12,20 @@ The sweep reuses the clean pass's `resid_pre[l]`, so layers before *l* are not r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from tqdm.auto import tqdm
 
 from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.plots import integer_axis
 from layerscope.probes import distributed
 from layerscope.probes.capture import Capture
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
+from layerscope.probes.progress import progress_bar
 from layerscope.probes.replay import SkipSweep, skip_sweep
 from layerscope.probes.zoo import LoadedModel
 
@@ -82,8 +85,8 @@ def skip_tables(sweep: SkipSweep) -> Tables:
 def replay(loaded: LoadedModel, windows: TokenWindows, options: LayerSkipOptions, captured: Capture | None,
            found: Tables, progress: bool = False) -> Tables:
     layers = chosen_layers(options, loaded.n_layers)
-    with tqdm(total=len(windows) * len(layers), disable=not progress, unit="skip",
-              desc=f"skip sweep ({options.part})") as bar:
+    with progress_bar(progress, total=len(windows) * len(layers), unit="skip",
+                      desc=f"skip sweep ({options.part})") as bar:
         sweep = skip_sweep(loaded, windows, layers, options.part, progress=bar)
     return _chosen_tables(sweep, loaded, options)
 
@@ -107,22 +110,44 @@ def _chosen_tables(sweep: SkipSweep, loaded: LoadedModel, options: LayerSkipOpti
     return tables
 
 
+# Axis titles by column: what a reader calls the quantity, with its unit.
+AXIS_TITLES = {"delta_ce": "change in cross-entropy (nats)", "final_change": "relative change of the final state"}
+
+
 def effect_figure(table: pd.DataFrame) -> go.Figure:
     value = "delta_ce" if "delta_ce" in table else "final_change"
-    fig = go.Figure(go.Bar(x=table["layer"], y=table[value],
-                           customdata=table[[c for c in ("kl", "top1_agreement") if c in table]].values,
-                           hovertemplate="skip layer %{x}<br>" + value + " %{y:.4f}<extra></extra>"))
+    extra = [c for c in ("kl", "top1_agreement") if c in table]
+    hover = "skip layer %{x}<br>" + AXIS_TITLES[value] + " %{y:.4f}"
+    hover += "".join(f"<br>{name} %{{customdata[{i}]:.4f}}" for i, name in enumerate(extra))
+    fig = go.Figure(go.Bar(x=table["layer"], y=table[value], name=AXIS_TITLES[value],
+                           customdata=table[extra].values if extra else None,
+                           hovertemplate=hover + "<extra></extra>"))
     fig.update_layout(title=f"Cost of skipping each {table['part'].iloc[0]} alone", xaxis_title="skipped layer",
-                      yaxis_title=value)
+                      yaxis_title=AXIS_TITLES[value])
+    integer_axis(fig, "xaxis", table["layer"])
     return fig
 
 
 def future_figure(future: pd.DataFrame) -> go.Figure:
+    """Csordás et al.'s picture: the relative change of each later layer's contribution when
+    one layer is skipped.  Coloured on a log scale, because skipping block 0 changes
+    everything after it and would saturate a linear one."""
     grid = future.pivot(index="skipped_layer", columns="later_layer", values="effect")
-    fig = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="Viridis",
-                               hovertemplate="skip %{y} -> layer %{x}<br>||c - c'||/||c|| %{z:.3f}<extra></extra>"))
-    fig.update_layout(title="Effect of a skipped layer on later layers' contributions",
-                      xaxis_title="later layer", yaxis_title="skipped layer")
+    values = grid.to_numpy(dtype=float)
+    positive = values[np.isfinite(values) & (values > 0)]
+    low = math.floor(math.log10(positive.min())) if len(positive) else -3
+    high = math.ceil(math.log10(positive.max())) if len(positive) else 0
+    low = max(low, high - 4)
+    ticks = list(range(low, high + 1))
+    fig = go.Figure(go.Heatmap(
+        z=np.log10(np.clip(values, 10.0 ** low, None)), x=grid.columns, y=grid.index, customdata=values,
+        colorscale="Viridis", zmin=low, zmax=high,
+        colorbar={"title": "||c - c'|| / ||c||", "tickvals": ticks, "ticktext": [f"{10.0 ** t:g}" for t in ticks]},
+        hovertemplate="skip %{y} -> layer %{x}<br>||c - c'||/||c|| %{customdata:.3g}<extra></extra>"))
+    fig.update_layout(title="Effect of a skipped layer on later layers' contributions (log colour)",
+                      xaxis_title="later layer", yaxis_title="skipped layer", yaxis={"autorange": "reversed"})
+    integer_axis(fig, "xaxis", grid.columns)
+    integer_axis(fig, "yaxis", grid.index)
     return fig
 
 

@@ -125,8 +125,9 @@ def loss_curve_figure(loss: pd.DataFrame, schedule: pd.DataFrame | None = None,
                         name="norm frozen", marker={"size": 5, "color": "gray"}, text=schedule["role"],
                         hovertemplate="step %{x}: %{text} frozen<extra></extra>")
     fig.update_layout(title="LN removal: training loss while the norms are frozen one by one",
-                      xaxis_title="step", yaxis_title="cross-entropy",
-                      yaxis2={"title": "norms removed", "overlaying": "y", "side": "right"})
+                      xaxis_title="training step", yaxis_title="cross-entropy (nats)",
+                      yaxis2={"title": "norms removed", "overlaying": "y", "side": "right", "rangemode": "tozero",
+                              "tickformat": "d", "showgrid": False})
     return fig
 
 

@@ -22,12 +22,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.metric import Metric, Tables, View
+from layerscope.analysis.plots import integer_axis, shown_token
 from layerscope.probes.activation_edits import set_large_activations
 from layerscope.probes.backends import Point
 from layerscope.probes.capture import Capture, ProbeSpec, capture
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
+from layerscope.probes.examples import MagnitudeExample, MagnitudeExampleResult
 from layerscope.probes.outlier_reducers import MassiveActivations, MassiveResult, NextTokenLoss, ThresholdedMean, mean_loss
 from layerscope.probes.zoo import LoadedModel
 
@@ -59,7 +61,7 @@ class MassiveOptions:
 def probe(options: MassiveOptions, loaded: LoadedModel) -> ProbeSpec:
     if options.intervene and not loaded.adapter.causal:
         raise UserError(f"--intervene compares next-token losses; {loaded.spec.name} is an encoder")
-    return ProbeSpec((MassiveActivations(k=options.top_k, min_value=options.min_value),))
+    return ProbeSpec((MassiveActivations(k=options.top_k, min_value=options.min_value), MagnitudeExample()))
 
 
 def _token(decode, token_id: int):
@@ -178,7 +180,26 @@ def tables(captured: Capture, loaded: LoadedModel, options: MassiveOptions) -> T
     decode = loaded.tokenizer.decode
     dims = massive_dims(captured, options.min_ratio, decode)
     return {"massive_top": massive_activations(captured, options.min_ratio, decode), "massive_dims": dims,
-            "massive_persistence": massive_persistence(dims)}
+            "massive_persistence": massive_persistence(dims),
+            **magnitude_table(captured["magnitude_example"], decode)}
+
+
+def magnitude_table(example: MagnitudeExampleResult | None, decode) -> Tables:
+    """`massive_example`: |resid_post| of the first window, one row per (layer, position,
+    dim) for the dims largest anywhere in it, plus `dim = -1` holding each token's largest
+    |value| over every other dim."""
+    if example is None:
+        return {}
+    n_layers, n_positions, n_dims = example.magnitude.shape
+    tokens = [decode([i]) for i in example.input_ids.tolist()]
+    rows = []
+    for layer in range(n_layers):
+        for position in range(n_positions):
+            values = example.magnitude[layer, position].tolist()
+            for dim, value in zip([*example.dims.tolist(), -1], [*values, example.rest_max[layer, position].item()]):
+                rows.append({"layer": layer, "position": position, "token": tokens[position], "dim": dim,
+                             "abs_value": value})
+    return {"massive_example": pd.DataFrame(rows)}
 
 
 def replay(loaded: LoadedModel, windows: TokenWindows, options: MassiveOptions, captured: Capture,
@@ -193,7 +214,8 @@ def massive_figure(top: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for rank, rows in top.groupby("rank"):
         fig.add_scatter(x=rows["layer"], y=rows["abs_value"], mode="lines+markers", name=f"top {rank}",
-                        customdata=rows[["dim", "position", "token"]].astype(str).values,
+                        customdata=np.column_stack([rows["dim"].astype(str), rows["position"].astype(str),
+                                                    [shown_token(t) for t in rows["token"]]]),
                         hovertemplate="layer %{x}<br>|x| %{y:.4g}<br>dim %{customdata[0]}, position "
                                       "%{customdata[1]}<br>token %{customdata[2]}<extra></extra>")
     median = top.drop_duplicates("layer")
@@ -201,23 +223,73 @@ def massive_figure(top: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(type="log", title_text="|activation|")
     fig.update_xaxes(title_text="layer (block output)")
     fig.update_layout(title="Massive activations: largest |x| per layer")
+    integer_axis(fig, "xaxis", top["layer"])
     return fig
 
 
 def persistence_figure(dims: pd.DataFrame) -> go.Figure:
     """Each massive (layer, dim) cell, coloured by log10 max|x|: which dims stay massive over depth."""
     massive = dims[dims["massive"]]
+    labels = [f"dim {d}" for d in massive["dim"]]
+    order = [f"dim {d}" for d in sorted(massive["dim"].unique())]
     fig = go.Figure(go.Scatter(
-        x=massive["layer"], y=massive["dim"].astype(str), mode="markers",
-        marker={"size": 12, "symbol": "square", "color": np.log10(massive["max_abs"]), "colorscale": "Viridis",
+        x=massive["layer"], y=labels, mode="markers",
+        marker={"size": 14, "symbol": "square", "color": np.log10(massive["max_abs"]), "colorscale": "Viridis",
                 "colorbar": {"title": "log10 max|x|"}},
-        customdata=massive[["max_abs", "position", "token"]].astype(str).values,
-        hovertemplate="layer %{x}, dim %{y}<br>max |x| %{customdata[0]}<br>position %{customdata[1]}, "
+        customdata=np.column_stack([massive["max_abs"].map("{:.4g}".format), massive["position"].astype(str),
+                                    [shown_token(t) for t in massive["token"]]]) if len(massive) else None,
+        hovertemplate="layer %{x}, %{y}<br>max |x| %{customdata[0]}<br>position %{customdata[1]}, "
                       "token %{customdata[2]}<extra></extra>"))
+    if not len(massive):
+        fig.add_annotation(text="no (layer, dim) reaches the massive threshold", showarrow=False,
+                           xref="paper", yref="paper", x=0.5, y=0.5, font={"size": 14})
+        fig.update_yaxes(showticklabels=False)
+    else:
+        fig.update_xaxes(range=[-0.5, dims["layer"].max() + 0.5])
     fig.update_xaxes(title_text="layer (block output)")
-    fig.update_yaxes(title_text="dim", type="category")
-    fig.update_layout(title="Massive dims by layer")
+    fig.update_yaxes(title_text="residual dim", type="category", categoryorder="array", categoryarray=order)
+    fig.update_layout(title="Massive dims by layer" + ("" if len(massive) else ": none found"),
+                      height=200 + 36 * max(len(order), 2))
+    integer_axis(fig, "xaxis", dims["layer"])
     return fig
+
+
+def magnitude_figure(example: pd.DataFrame, layer: int) -> go.Figure:
+    """Token x dim |activation| of the first window at one layer (Sun et al.'s Figure 1):
+    a massive activation is one bright cell, on a few dims of a few tokens."""
+    rows = example[example["layer"] == layer]
+    grid = rows.pivot(index="position", columns="dim", values="abs_value")
+    dims = [d for d in grid.columns if d >= 0] + [-1]
+    grid = grid[dims]
+    tokens = rows.drop_duplicates("position").set_index("position")["token"]
+    y = [f"{p}: {shown_token(tokens[p])}" for p in grid.index]
+    x = [f"dim {d}" if d >= 0 else "every other dim (max)" for d in dims]
+    fig = go.Figure(go.Heatmap(
+        z=np.log10(np.maximum(grid.values, 1e-3)), x=x, y=y, customdata=grid.values, colorscale="Viridis",
+        colorbar={"title": "|x|", "tickvals": list(range(-3, 7)), "ticktext": [f"1e{e}" for e in range(-3, 7)]},
+        hovertemplate="%{y}<br>%{x}<br>|x| %{customdata:.4g}<extra></extra>"))
+    fig.update_layout(title=f"|activation| per token and dim at the output of block {layer} (first window; "
+                            f"the {len(dims) - 1} dims largest anywhere in it)",
+                      xaxis={"title": "residual dim", "tickangle": -45}, yaxis={"title": "position: token",
+                                                                                  "autorange": "reversed",
+                                                                                  "tickfont": {"size": 10}},
+                      height=max(420, 160 + 16 * len(y)))
+    return fig
+
+
+def _magnitude_controls(tables: Tables) -> dict:
+    example = tables["massive_example"]
+    dims = tables.get("massive_dims")
+    layers = sorted(example["layer"].unique().tolist())
+    massive = dims[dims["massive"]] if dims is not None else example.iloc[:0]
+    # Where the massive activation appears; without one, the layer of the largest value.
+    first = int(massive["layer"].min()) if len(massive) else int(example.loc[example["abs_value"].idxmax(), "layer"])
+    return {"layer": (layers, first)}
+
+
+MAGNITUDE_VIEW = View("token x dim magnitudes at one layer", _magnitude_controls,
+                      lambda tables, layer: magnitude_figure(tables["massive_example"], layer),
+                      needs=("massive_example",))
 
 
 def _figures(tables: Tables) -> list[go.Figure]:
@@ -263,4 +335,4 @@ def _display(tables: Tables) -> Tables:
 
 METRIC = Metric("massive", "massive activations per layer (Sun et al.): top-k |x|, median, ratio, persistence, "
                 "and zero/mean interventions", probe=probe, tables=tables, replay=replay, options=MassiveOptions, figures=_figures,
-                summarize=_summarize, display=_display)
+                views=(MAGNITUDE_VIEW,), summarize=_summarize, display=_display)

@@ -18,6 +18,7 @@ from typing import Callable
 import pandas as pd
 import plotly.graph_objects as go
 
+from layerscope.analysis.plots import themed
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
@@ -62,6 +63,29 @@ def no_tables(captured: Capture, loaded: LoadedModel, options) -> Tables:
     return {}
 
 
+@dataclass(frozen=True)
+class View:
+    """A standard picture drawn at a point the reader picks: a layer, a head, a window or a
+    position.  `controls(tables)` gives each control's name, its choices and its default
+    (say the heaviest sink head); `draw(tables, **chosen)` draws the figure there.  The app
+    shows the controls; the report and notebooks draw the defaults."""
+
+    title: str
+    controls: Callable[[Tables], dict[str, tuple[list, object]]]
+    draw: Callable[..., go.Figure]
+    # The tables the view reads; it is left out of a run that lacks one (an older run).
+    needs: tuple[str, ...] = ()
+
+    def available(self, tables: Tables) -> bool:
+        return all(name in tables and len(tables[name]) for name in self.needs)
+
+    def defaults(self, tables: Tables) -> dict:
+        return {name: default for name, (_, default) in self.controls(tables).items()}
+
+    def figure(self, tables: Tables, **chosen) -> go.Figure:
+        return themed(self.draw(tables, **{**self.defaults(tables), **chosen}))
+
+
 # replay(loaded, windows, options, captured, tables, progress) -> more tables
 Replay = Callable[[LoadedModel, TokenWindows, object, Capture, Tables, bool], Tables]
 
@@ -94,6 +118,7 @@ class Metric:
     causal_only: bool = False
     # "replay" when re-running the model is the measurement itself, not an option of it.
     kind: str = "streaming"
+    views: tuple[View, ...] = ()
     option_names: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self):
@@ -104,6 +129,13 @@ class Metric:
         """The measurement module's docstring: what it measures and which paper it follows."""
         defined_by = next(f for f in (self.tables, self.replay, self.figures) if f not in (no_tables, None))
         return sys.modules[defined_by.__module__].__doc__ or ""
+
+    def draw(self, tables: Tables) -> list[go.Figure]:
+        """The measurement's figures in the shared theme."""
+        return [themed(fig) for fig in self.figures(tables)]
+
+    def views_for(self, tables: Tables) -> list[View]:
+        return [view for view in self.views if view.available(tables)]
 
     def applies_to(self, loaded: LoadedModel) -> bool:
         return loaded.adapter.causal or not self.causal_only

@@ -12,16 +12,17 @@ from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import plotly.graph_objects as go
-from tqdm.auto import tqdm
 
 from layerscope.analysis.block_influence import BlockInfluenceOptions, block_influence, removal_order
 from layerscope.analysis.block_influence import probe as block_influence_probe
 from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.plots import integer_axis
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.interventions import skip_blocks
 from layerscope.probes.outlier_reducers import mean_loss
+from layerscope.probes.progress import progress_bar
 from layerscope.probes.replay import greedy_removal
 from layerscope.probes.zoo import LoadedModel
 
@@ -66,13 +67,13 @@ def replay(loaded: LoadedModel, windows: TokenWindows, options: PruneCurveOption
     windows = windows.head(options.eval_tokens)
     base = mean_ce(loaded, windows)
     rows = [{"method": "bi_order", "n_removed": 0, "removed": "", "layer_removed": -1, "ce": base}]
-    for k in tqdm(range(1, options.max_removed + 1), disable=not progress, desc="BI-order removal"):
+    for k in progress_bar(progress, range(1, options.max_removed + 1), desc="BI-order removal"):
         rows.append({"method": "bi_order", "n_removed": k, "removed": ",".join(map(str, sorted(order[:k]))),
                      "layer_removed": order[k - 1], "ce": mean_ce(loaded, windows, order[:k])})
     if options.greedy:
         rows.append({**rows[0], "method": "greedy"})
         total = sum(loaded.n_layers - k for k in range(options.max_removed)) * len(windows)
-        with tqdm(total=total, disable=not progress, desc="greedy removal") as bar:
+        with progress_bar(progress, total=total, desc="greedy removal") as bar:
             path = greedy_removal(loaded, windows, options.max_removed, progress=bar)
         for k, (layer, ce) in enumerate(path, start=1):
             rows.append({"method": "greedy", "n_removed": k,
@@ -89,7 +90,8 @@ def figure(table: pd.DataFrame) -> go.Figure:
         fig.add_scatter(x=rows["n_removed"], y=rows["ce"], mode="lines+markers", name=method,
                         customdata=rows[["removed"]].values,
                         hovertemplate="%{x} removed: [%{customdata[0]}]<br>CE %{y:.3f}<extra></extra>")
-    fig.update_layout(title="Pruning curve", xaxis_title="blocks removed", yaxis_title="cross-entropy")
+    fig.update_layout(title="Pruning curve", xaxis_title="blocks removed", yaxis_title="cross-entropy (nats)")
+    integer_axis(fig, "xaxis", table["n_removed"])
     return fig
 
 

@@ -31,6 +31,8 @@ class MetricFigures:
     name: str
     metric: Metric | None
     figures: list[go.Figure] = field(default_factory=list)
+    # The measurement's pictures at a chosen point, drawn here at their defaults.
+    views: list[tuple[object, go.Figure]] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     # Why the tables could not be drawn (a table missing, empty or of another shape), if so.
     problem: str | None = None
@@ -47,7 +49,8 @@ def run_figures(manifest: dict, tables: Tables) -> list[MetricFigures]:
             out.append(MetricFigures(name, None))
             continue
         try:
-            out.append(MetricFigures(name, metric, list(metric.figures(tables)), list(metric.summarize(tables))))
+            views = [(view, view.figure(tables)) for view in metric.views_for(tables)]
+            out.append(MetricFigures(name, metric, metric.draw(tables), views, list(metric.summarize(tables))))
         except Exception as err:  # noqa: BLE001 - drawing code meets whatever a damaged table holds
             reason = str(err).splitlines()[0] if str(err) else ""
             out.append(MetricFigures(name, metric, problem=f"its tables cannot be drawn "
@@ -73,7 +76,7 @@ def _section(entry: MetricFigures, options: dict, first_figure: bool) -> tuple[s
         parts.append(f"<h3>options</h3>{_definition_list(options)}")
     if entry.findings:
         parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in entry.findings) + "</ul>")
-    for figure in entry.figures:
+    for figure in [*entry.figures, *(figure for _, figure in entry.views)]:
         parts.append(figure.to_html(full_html=False, include_plotlyjs=first_figure, config=PLOT_CONFIG))
         first_figure = False
     parts.append("</section>")
@@ -114,7 +117,7 @@ def report_html(manifest: dict, tables: Tables) -> tuple[str, int]:
     for entry in entries:
         section, first_figure = _section(entry, (manifest.get("options") or {}).get(entry.name, {}), first_figure)
         body.append(section)
-    n_figures = sum(len(entry.figures) for entry in entries)
+    n_figures = sum(len(entry.figures) + len(entry.views) for entry in entries)
     document = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
                 f"<title>layerscope {html.escape(run_id)}</title><style>{STYLE}</style>"
                 f"<script type='application/json' id='layerscope-manifest'>"

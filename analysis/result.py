@@ -50,7 +50,9 @@ class Result:
         """Every figure of every measurement in the result, in measurement order."""
         from layerscope.analysis.registry import DRAWN
 
-        return [fig for name in self.metrics if name in DRAWN for fig in DRAWN[name].figures(self.tables)]
+        return [fig for name in self.metrics if name in DRAWN
+                for fig in [*DRAWN[name].draw(self.tables),
+                            *(view.figure(self.tables) for view in DRAWN[name].views_for(self.tables))]]
 
     @property
     def summary(self) -> list[str]:

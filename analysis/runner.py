@@ -25,6 +25,7 @@ from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.inputs import windows_for
 from layerscope.probes.errors import UserError
 from layerscope.probes.placements import placement_variants
+from layerscope.probes.progress import ProgressArg
 from layerscope.probes.zoo import LoadedModel, load_model
 
 
@@ -78,7 +79,7 @@ def _varies_placement(options) -> bool:
 
 
 def _over_placements(metric: Metric, loaded: LoadedModel, windows: TokenWindows, options, backend: str,
-                     progress: bool) -> Tables:
+                     progress: ProgressArg) -> Tables:
     """The measurement on each norm-placement variant of the model, stacked with a `placement` column."""
     stacked: dict[str, list[pd.DataFrame]] = {}
     for placement, variant in placement_variants(loaded, options.placements):
@@ -91,7 +92,7 @@ def _over_placements(metric: Metric, loaded: LoadedModel, windows: TokenWindows,
 
 
 def measure(model: LoadedModel | str, corpus: TokenWindows | str, metrics: list[str] | str | None = None, *,
-            options: dict | None = None, backend: str = "hooks", progress: bool = False,
+            options: dict | None = None, backend: str = "hooks", progress: ProgressArg = False,
             **shared_options) -> Result | None:
     """Measure `metrics` (names, default all that apply) of `model` on `corpus` in one pass.
 
@@ -99,6 +100,8 @@ def measure(model: LoadedModel | str, corpus: TokenWindows | str, metrics: list[
     path, or literal text measured whole.  `options` maps a measurement to its options (a
     dataclass or a dict of fields); other keyword arguments set the option of that name in
     every chosen measurement that has one, e.g. `measure(m, c, ["massive"], top_k=5)`.
+    `progress` is False, True (a bar on the terminal) or `progress(done, total, stage)`,
+    called after each batch of the pass and each step of a replay.
     """
     loaded = load_model(model) if isinstance(model, str) else model
     windows = windows_for(loaded, corpus)
@@ -167,7 +170,7 @@ def measure(model: LoadedModel | str, corpus: TokenWindows | str, metrics: list[
     return Result(tables, manifest)
 
 
-def _capture(loaded: LoadedModel, windows: TokenWindows, union: ProbeSpec, backend: str, progress: bool,
+def _capture(loaded: LoadedModel, windows: TokenWindows, union: ProbeSpec, backend: str, progress: ProgressArg,
              parallel: bool) -> Capture | None:
     """One pass over the corpus; in a data-parallel run, over this rank's share, with the
     states merged on rank 0 (None on the other ranks)."""

@@ -36,10 +36,12 @@ import torch
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 
-from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.metric import Metric, Tables, View
+from layerscope.analysis.plots import integer_axis, shown_token
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
+from layerscope.probes.examples import PatternExample, PatternExampleResult
 from layerscope.probes.outlier_reducers import AttentionSinks, AttentionSinksResult, ResidualSinks, ResidualSinksResult
 from layerscope.probes.weight_edits import reading_norm_weights
 from layerscope.probes.zoo import LoadedModel
@@ -65,7 +67,7 @@ def probe(options: SinkOptions, loaded: LoadedModel) -> ProbeSpec:
         raise UserError(f"top_dims {options.top_dims} is above d_model ({loaded.d_model}) of {loaded.spec.name}")
     if options.keys > loaded.max_context:
         raise UserError(f"keys {options.keys} is above the context ({loaded.max_context}) of {loaded.spec.name}")
-    return ProbeSpec((AttentionSinks(eps=options.eps), ResidualSinks()))
+    return ProbeSpec((AttentionSinks(eps=options.eps), ResidualSinks(), PatternExample()))
 
 
 def kv_head_of(n_heads: int, n_kv_heads: int) -> list[int]:
@@ -150,21 +152,85 @@ def tables(captured: Capture, loaded: LoadedModel, options: SinkOptions) -> Tabl
     heads = sink_heads(captured, loaded.n_kv_heads)
     return {"sink_summary": sink_summary(heads, options.eps, result.windows, result.length, loaded.adapter.causal),
             "sink_heads": heads, "sink_alpha": sink_alpha(captured, options.keys),
-            "residual_sinks": residual_sinks(captured, reading_norm_weights(loaded), options.top_dims)}
+            "residual_sinks": residual_sinks(captured, reading_norm_weights(loaded), options.top_dims),
+            **pattern_tables(captured["pattern_example"], loaded.tokenizer.decode, loaded.adapter.causal)}
+
+
+def pattern_tables(example: PatternExampleResult | None, decode, causal: bool) -> Tables:
+    """The first window's attention patterns: `attention_pattern`, one row per (layer, head,
+    query, key) that the query can see, with its weight; `pattern_tokens`, each position's token."""
+    if example is None:
+        return {}
+    pattern = example.pattern
+    n_layers, n_heads, t, _ = pattern.shape
+    layer, head, query, key = np.meshgrid(*(np.arange(n) for n in pattern.shape), indexing="ij")
+    seen = (key <= query) if causal else np.ones_like(key, dtype=bool)
+    frame = pd.DataFrame({"layer": layer[seen].astype(np.int16), "head": head[seen].astype(np.int16),
+                          "query": query[seen].astype(np.int16), "key": key[seen].astype(np.int16),
+                          "weight": pattern.numpy()[seen].astype(np.float32)})
+    tokens = pd.DataFrame({"position": range(t), "token": [decode([i]) for i in example.input_ids.tolist()]})
+    return {"attention_pattern": frame, "pattern_tokens": tokens}
 
 
 def sinks_figure(heads: pd.DataFrame) -> go.Figure:
-    """Heatmaps over layer and head: alpha_0, value-norm ratio and attention entropy."""
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("alpha_0 (mass on key 0)", "||v_0|| / mean ||v||",
-                                                        "attention entropy (nats)"))
-    for col, column in enumerate(("alpha_0", "value_norm_ratio", "entropy"), start=1):
+    """Heatmaps over layer and head: alpha_0, value-norm ratio and attention entropy, each
+    with its own colour bar."""
+    panels = (("alpha_0", "alpha_0 (mass on key 0)"), ("value_norm_ratio", "||v_0|| / mean ||v||"),
+              ("entropy", "attention entropy (nats)"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[title for _, title in panels], horizontal_spacing=0.11)
+    for col, (column, _) in enumerate(panels, start=1):
         grid = heads.pivot(index="layer", columns="head", values=column)
+        right = fig.layout[f"xaxis{col if col > 1 else ''}"].domain[1]
+        # Each panel's own colour bar, just right of it; the panel's title names the value.
         fig.add_heatmap(z=grid.values, x=grid.columns, y=grid.index, row=1, col=col, colorscale="Viridis",
-                        showscale=False, hovertemplate=f"layer %{{y}}, head %{{x}}<br>{column} %{{z:.3g}}<extra></extra>")
-        fig.update_xaxes(title_text="head", row=1, col=col)
-    fig.update_yaxes(title_text="layer", row=1, col=1)
-    fig.update_layout(title="Attention sinks per head")
+                        colorbar={"x": right + 0.005, "xanchor": "left", "thickness": 10, "len": 0.9,
+                                  "tickfont": {"size": 10}},
+                        hovertemplate=f"layer %{{y}}, head %{{x}}<br>{column} %{{z:.3g}}<extra></extra>")
+        fig.update_xaxes(title_text="head", row=1, col=col, dtick=1)
+        fig.update_yaxes(title_text="layer" if col == 1 else None, row=1, col=col, dtick=2 if len(grid) > 16 else 1)
+    fig.update_layout(title="Attention sinks per head", height=max(380, 140 + 16 * heads["layer"].nunique()))
     return fig
+
+
+def pattern_figure(pattern: pd.DataFrame, tokens: pd.DataFrame, layer: int, head: int) -> go.Figure:
+    """One head's attention pattern on the first window, query by key, as in Gu et al.'s
+    and CircuitsVis' figures: the sink is the bright column at key 0."""
+    rows = pattern[(pattern["layer"] == layer) & (pattern["head"] == head)]
+    grid = rows.pivot(index="query", columns="key", values="weight")
+    labels = [f"{p}: {shown_token(t)}" for p, t in zip(tokens["position"], tokens["token"])]
+    n = len(labels)
+    full = np.full((n, n), np.nan)
+    full[np.ix_(grid.index, grid.columns)] = grid.values
+    text = np.array([[f"{labels[q]} \u2192 {labels[k]}" for k in range(n)] for q in range(n)])
+    sink = float(np.nanmean(full[1:, 0])) if n > 1 else float(full[0, 0])
+    fig = go.Figure(go.Heatmap(z=full, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1, customdata=text,
+                               colorbar={"title": "attention"}, xgap=1, ygap=1,
+                               hovertemplate="query %{customdata}<br>weight %{z:.3f}<extra></extra>"))
+    fig.add_shape(type="rect", xref="x", yref="paper", x0=-0.5, x1=0.5, y0=0, y1=1,
+                  line={"color": "#d62728", "width": 2})
+    fig.add_annotation(x=0, y=1, xref="x", yref="paper", yanchor="bottom", showarrow=False,
+                       text=f"sink column: key 0, mean weight {sink:.2f}", font={"color": "#d62728", "size": 12},
+                       xanchor="left")
+    side = max(480, 160 + 16 * n)
+    fig.update_layout(title=f"Attention pattern of layer {layer}, head {head} (first window)",
+                      xaxis={"title": "key position: token", "tickangle": -60, "tickfont": {"size": 10},
+                             "side": "bottom"},
+                      yaxis={"title": "query position: token", "autorange": "reversed", "tickfont": {"size": 10}},
+                      height=side + 60)
+    return fig
+
+
+def _pattern_controls(tables: Tables) -> dict:
+    heads = tables["sink_heads"]
+    heaviest = heads.loc[heads["alpha_0"].idxmax()]
+    return {"layer": (sorted(heads["layer"].unique().tolist()), int(heaviest["layer"])),
+            "head": (sorted(heads["head"].unique().tolist()), int(heaviest["head"]))}
+
+
+PATTERN_VIEW = View("attention pattern of one head", _pattern_controls,
+                    lambda tables, layer, head: pattern_figure(tables["attention_pattern"], tables["pattern_tokens"],
+                                                               layer, head),
+                    needs=("attention_pattern", "pattern_tokens", "sink_heads"))
 
 
 def residual_sinks_figure(sinks: pd.DataFrame) -> go.Figure:
@@ -177,8 +243,9 @@ def residual_sinks_figure(sinks: pd.DataFrame) -> go.Figure:
                                   "norm |w| / median %{customdata[1]:.3g}<extra></extra>")
     fig.add_scatter(x=top["layer"], y=top["mean_max_share"], mode="lines", name="mean max|h| / ||h||")
     fig.update_xaxes(title_text="layer (block output)")
-    fig.update_yaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1], title_text="share", tickformat=".0%")
     fig.update_layout(title="Residual sinks")
+    integer_axis(fig, "xaxis", top["layer"])
     return fig
 
 
@@ -216,4 +283,5 @@ def _display(tables: Tables) -> Tables:
 
 
 METRIC = Metric("sinks", "attention sinks (alpha_k and sink rate of Gu et al., value-norm ratio, entropy) and "
-                "residual sinks", probe=probe, tables=tables, options=SinkOptions, figures=_figures, summarize=_summarize, display=_display)
+                "residual sinks", probe=probe, tables=tables, options=SinkOptions, figures=_figures, views=(PATTERN_VIEW,), summarize=_summarize,
+                display=_display)

@@ -130,7 +130,7 @@ def super_weight_figure(scan: pd.DataFrame, weight: pd.DataFrame) -> go.Figure:
     fig.add_vline(x=int(chosen["layer"]), line_dash="dot",
                   annotation_text=f"W[{chosen['row']}, {chosen['col']}] = {chosen['value']:.3g}")
     fig.update_yaxes(type="log", title_text="max |activation|")
-    fig.update_xaxes(title_text="layer")
+    fig.update_xaxes(title_text="layer (MLP down-projection)")
     fig.update_layout(title="Super weight: spikes of the MLP down-projection")
     return fig
 

@@ -62,12 +62,13 @@ def figure(tables: Tables) -> go.Figure:
     variance, fits = tables["variance"], tables["growth_fit"]
     groups = variance.groupby("placement", sort=False) if "placement" in variance else [("", variance)]
     fig = go.Figure()
+    names = {"mean_norm": "mean L2 norm", "std": "std", "variance": "variance"}
     for placement, table in groups:
         post = table[table["point"] == "resid_post"]
         suffix = f" ({placement})" if placement else ""
         for quantity in ("mean_norm", "std", "variance"):
-            fig.add_scatter(x=post["layer"], y=post[quantity], mode="lines+markers", name=f"{quantity}{suffix}",
-                            hovertemplate="layer %{x}<br>" + quantity + " %{y:.4g}<extra></extra>")
+            fig.add_scatter(x=post["layer"], y=post[quantity], mode="lines+markers", name=f"{names[quantity]}{suffix}",
+                            hovertemplate="layer %{x}<br>" + names[quantity] + " %{y:.4g}<extra></extra>")
         fit = fits[fits["quantity"] == "mean_norm"]
         if placement:
             fit = fit[fit["placement"] == placement]
@@ -76,8 +77,8 @@ def figure(tables: Tables) -> go.Figure:
         layers = post["layer"].to_numpy(float)
         fig.add_scatter(x=layers, y=first * np.exp(slope * (layers - layers[0])), mode="lines",
                         line={"dash": "dot"}, name=f"fit: x{np.exp(slope):.3f}/layer{suffix}")
-    fig.update_yaxes(type="log")
-    fig.update_layout(title="Residual growth with depth (block outputs)", xaxis_title="layer")
+    fig.update_yaxes(type="log", title_text="magnitude of the block output")
+    fig.update_layout(title="Residual growth with depth (block outputs)", xaxis_title="layer (block output)")
     return fig
 
 

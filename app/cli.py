@@ -50,12 +50,17 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("always", module=r"layerscope\.")
     warnings.showwarning = _one_line_warning
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "transformer_lens", "nnsight", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
+    # The environment above quiets transformers when it is imported later; importing it
+    # here would cost `--help` seconds.  Already imported (main() called from Python), it
+    # is told directly.
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def _add_corpus_args(parser: argparse.ArgumentParser, one_model: bool = True) -> None:
@@ -154,31 +159,54 @@ def _add_metric_options(parser: argparse.ArgumentParser, options_type: type) -> 
                                 choices=f.metadata.get("choices"), help=f"{help_text} (default {default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from layerscope.analysis.registry import METRICS
+# Commands whose arguments come from the registry or the model code, which import torch:
+# their parsers are built only when the command line names them, so that `--help`,
+# `models` and `runs` start in a fraction of a second.
+HEAVY_COMMANDS = {"analyze": "run a measurement", "survey": "run every measurement and print a summary",
+                  "compare": "several models side by side by relative depth: norm growth, Block Influence, "
+                             "sublayer contributions, massive activations",
+                  "ln-removal": "remove every LayerNorm/RMSNorm by fine-tuning (Heimersheim 2024; Baroni et al. 2025)"}
 
-    parser = _Parser(prog="layerscope", description="What does each layer of a transformer do?")
+
+def command_of(argv: list[str]) -> str:
+    """The command an argument list names (its first word that is not an option), or ''."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; with `command` given, the other heavy commands get a
+    stand-in parser that only carries their help line."""
+    parser = _Parser(prog="layerscope", description="What does each layer of a transformer do?",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     models = sub.add_parser("models", help="list the models the zoo can load")
     models.add_argument("--format", default="table", choices=["table", "json"])
 
-    analyze = sub.add_parser("analyze", help="run a measurement")
-    metric_sub = analyze.add_subparsers(dest="metric", required=True, parser_class=_Parser)
-    for metric in METRICS.values():
-        p = metric_sub.add_parser(metric.name, help=_literal(metric.summary), description=_literal(metric.summary))
-        _add_corpus_args(p)
-        _add_metric_options(p, metric.options)
+    full = {name for name in HEAVY_COMMANDS if command is None or command == name}
+    for name in [name for name in ("analyze", "survey") if name not in full]:
+        sub.add_parser(name, help=HEAVY_COMMANDS[name])
+    if "analyze" in full:
+        from layerscope.analysis.registry import METRICS
 
-    survey = sub.add_parser("survey", help="run every measurement and print a summary")
-    _add_corpus_args(survey)
-    survey.add_argument("--metrics", help="comma-separated subset (default: all)")
+        analyze = sub.add_parser("analyze", help=HEAVY_COMMANDS["analyze"])
+        metric_sub = analyze.add_subparsers(dest="metric", required=True, parser_class=_Parser)
+        for metric in METRICS.values():
+            p = metric_sub.add_parser(metric.name, help=_literal(metric.summary), description=_literal(metric.summary))
+            _add_corpus_args(p)
+            _add_metric_options(p, metric.options)
+    if "survey" in full:
+        survey = sub.add_parser("survey", help=HEAVY_COMMANDS["survey"])
+        _add_corpus_args(survey)
+        survey.add_argument("--metrics", help="comma-separated subset (default: all)")
 
-    compare = sub.add_parser("compare", help="several models side by side by relative depth: norm growth, "
-                                             "Block Influence, sublayer contributions, massive activations")
-    compare.add_argument("--models", default=",".join(COMPARED_MODELS),
-                         help=f"comma-separated models (default: {','.join(COMPARED_MODELS)})")
-    _add_corpus_args(compare, one_model=False)
-    compare.add_argument("-o", "--output", help="also write the figure and tables as one HTML page here")
+    if "compare" in full:
+        compare = sub.add_parser("compare", help=HEAVY_COMMANDS["compare"])
+        compare.add_argument("--models", default=",".join(COMPARED_MODELS),
+                             help=f"comma-separated models (default: {','.join(COMPARED_MODELS)})")
+        _add_corpus_args(compare, one_model=False)
+        compare.add_argument("-o", "--output", help="also write the figure and tables as one HTML page here")
+    else:
+        sub.add_parser("compare", help=HEAVY_COMMANDS["compare"])
 
     runs = sub.add_parser("runs", help="list, show, remove or export stored runs")
     # One parser per action, so that options may come before the run id (`rm --force ID`).
@@ -212,9 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--address", default="127.0.0.1", help="address to serve on (default: this machine only)")
     add_config_limit_arg(app)
 
-    from layerscope.app.ln_removal_cli import add_ln_removal_parser
+    if "ln-removal" in full:
+        from layerscope.app.ln_removal_cli import add_ln_removal_parser
 
-    add_ln_removal_parser(sub)
+        add_ln_removal_parser(sub)
+    else:
+        sub.add_parser("ln-removal", help=HEAVY_COMMANDS["ln-removal"])
     return parser
 
 
@@ -237,7 +268,7 @@ def _print_tables(tables: dict, fmt: str, run_path: Path | None) -> None:
 
 
 def _prepare(args):
-    from layerscope.probes.corpus import CorpusSpec, token_windows
+    from layerscope.probes.inputs import windows
     from layerscope.probes.zoo import load_model
 
     set_threads(args.threads)
@@ -246,9 +277,8 @@ def _prepare(args):
 
     loaded = load_model(args.model, device=local_device(args.device), dtype=args.dtype, device_map=args.device_map)
     load_seconds = time.perf_counter() - started
-    corpus = CorpusSpec(args.corpus, args.seq_len, args.max_tokens, args.batch_size)
-    windows = token_windows(corpus, loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
-    return loaded, windows, load_seconds
+    # Literal text (`text:...`) is measured whole, whatever --seq-len says.
+    return loaded, windows(loaded, args.corpus, args.seq_len, args.max_tokens, args.batch_size), load_seconds
 
 
 def _progress(args) -> bool:
@@ -472,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Inside the try: Ctrl-C while the libraries import is still one line, not a traceback.
         _quiet_libraries()
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(command_of(argv)).parse_args(argv)
         try:
             with _config_limit(args):
                 return COMMANDS[args.command](args)

@@ -130,6 +130,12 @@ def _run_figures(root: str, run_id: str, stamp: tuple) -> list[tuple[str, list, 
             for entry in run_figures(manifest, tables)]
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _view_figure(root: str, run_id: str, stamp: tuple, metric: str, number: int, chosen: tuple):
+    _, tables = _load_run(root, run_id, stamp)
+    return DRAWN[metric].views_for(tables)[number].figure(tables, **dict(chosen))
+
+
 def cached_run(root: Path, run_id: str) -> tuple[dict, dict[str, pd.DataFrame]]:
     """A stored run, cached under its files' sizes and times, so a run damaged or
     rewritten on disk is read again rather than shown from the cache."""
@@ -225,10 +231,45 @@ def run_caption(manifest: dict) -> str:
             f"in {corpus.get('windows')} windows · created {manifest.get('created', '?')}")
 
 
+def show_views(root: Path, run_id: str, name: str, tables: dict[str, pd.DataFrame]) -> None:
+    """A measurement's pictures at a chosen point: one select box per control (layer, head,
+    position...), starting at the view's default, and the figure there."""
+    metric = DRAWN.get(name)
+    if metric is None:
+        return
+    stamp = _folder_stamp(root, run_id)
+    for number, view in enumerate(metric.views_for(tables)):
+        controls = view.controls(tables)
+        columns = st.columns(max(4, len(controls)))
+        chosen = {}
+        for column, (control, (choices, default)) in zip(columns, controls.items()):
+            chosen[control] = column.selectbox(f"{control.replace('_', ' ')} ({view.title})", choices,
+                                               index=choices.index(default), key=f"{run_id}.{name}.{control}")
+        figure = _view_figure(str(root), run_id, stamp, name, number, tuple(sorted(chosen.items())))
+        st.plotly_chart(figure, config=PLOT_CONFIG, key=f"{run_id}.{name}.view{number}")
+
+
+def _shown_tables(manifest: dict, name: str, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The tables one measurement of a run displays, as the CLI prints them; all of its
+    tables, undrawn, when its display cannot read them."""
+    own = (manifest.get("tables_by_metric") or {}).get(name)
+    mine = {t: tables[t] for t in own if t in tables} if own else tables
+    metric = DRAWN.get(name)
+    if metric is None:
+        return mine
+    try:
+        return metric.display(mine)
+    except Exception:  # noqa: BLE001 - a damaged table is shown as it is, undrawn
+        return mine
+
+
 def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
-    """Every figure of a stored run, its findings, and the tables the measurement displays."""
+    """Every figure of a stored run, its pictures at a chosen point, its findings, and
+    beside them the tables each measurement displays."""
     manifest, tables = cached_run(root, run_id)
     st.caption(run_caption(manifest))
+    for note in manifest.get("notes", []):
+        st.info(note)
     for name, figures, findings, registered, problem in cached_figures(root, run_id):
         if len(manifest.get("options", {})) > 1:
             st.subheader(name)
@@ -236,18 +277,13 @@ def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
             st.warning(f"{name} is not registered in this version of layerscope; its tables are shown undrawn")
         if problem:
             st.warning(f"{name}: {problem}; its tables are shown undrawn")
-        for line in findings:
-            st.markdown(f"- {line}")
         for number, figure in enumerate(figures):
             st.plotly_chart(figure, config=PLOT_CONFIG, key=f"{run_id}.{name}.{number}")
-    if with_tables:
-        shown = tables
-        metric = DRAWN.get(manifest.get("metric"))
-        if metric is not None:
-            try:
-                shown = metric.display(tables)
-            except Exception:  # noqa: BLE001 - a damaged table is shown as it is, undrawn
-                shown = tables
-        for name, table in shown.items():
-            with st.expander(f"table: {name} ({len(table)} rows)"):
-                st.dataframe(table, hide_index=True)
+        if not problem:
+            show_views(root, run_id, name, tables)
+        for line in findings:
+            st.markdown(f"- {line}")
+        if with_tables:
+            for table_name, table in _shown_tables(manifest, name, tables).items():
+                with st.expander(f"table: {table_name} ({len(table)} rows)"):
+                    st.dataframe(table, hide_index=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,8 +16,9 @@ from typing import Callable
 from layerscope.analysis.metric import Metric
 from layerscope.analysis.runner import measure as run_measurements
 from layerscope.analysis.store import DEFAULT_ROOT, package_versions, run_key
-from layerscope.probes.corpus import LITERAL_PREFIX, STDLIB, CorpusSpec, token_windows, user_path
+from layerscope.probes.corpus import LITERAL_PREFIX, STDLIB, CorpusSpec, TokenWindows, token_windows, user_path
 from layerscope.probes.errors import UserError
+from layerscope.probes.inputs import text_windows
 from layerscope.probes.zoo import CONFIG_PREFIX, LoadedModel, ModelSpec, cache_dir, split_placement
 
 MAX_TEXT_CHARS = 20_000
@@ -138,13 +141,14 @@ class CorpusChoice:
             identity["file"] = file_identity(self.source)
         return identity
 
-    def spec_for(self, loaded: LoadedModel) -> CorpusSpec:
-        if self.kind != "text":
-            return CorpusSpec(self.source, self.seq_len, self.max_tokens, self.batch_size)
-        n_tokens = len(loaded.tokenizer(self.source.removeprefix(LITERAL_PREFIX), add_special_tokens=False)["input_ids"])
-        n_tokens += loaded.bos_token_id is not None
-        seq_len = max(2, min(n_tokens, TEXT_WINDOW_CAP, loaded.max_context))
-        return CorpusSpec(self.source, seq_len, max(n_tokens, seq_len), self.batch_size)
+    def windows_for(self, loaded: LoadedModel) -> TokenWindows:
+        """The windows to measure: typed text whole (as `layerscope.text_windows`), the
+        stdlib and file corpora cut into `seq_len` windows up to `max_tokens`."""
+        if self.kind == "text":
+            return text_windows(loaded, self.source.removeprefix(LITERAL_PREFIX), self.batch_size,
+                                max_length=TEXT_WINDOW_CAP)
+        return token_windows(CorpusSpec(self.source, self.seq_len, self.max_tokens, self.batch_size),
+                             loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
 
 
 def corpus_choice(kind: str, text: str, path: str, seq_len: int, max_tokens: int,
@@ -179,6 +183,25 @@ def measurement_key(metric: Metric, model: str, corpus: CorpusChoice, options, b
     return run_key(identity)
 
 
+class StageProgress:
+    """Turns the runner's `progress(done, total, stage)` calls into the bar's fraction and
+    text: each stage (the pass, then each replay) fills 10% to 90%, with the time it has
+    taken and an estimate of the time left once a step has finished."""
+
+    def __init__(self, on_stage: Callable[[float, str], None], what: str, clock: Callable[[], float] = time.monotonic):
+        self.on_stage, self.what, self.clock = on_stage, what, clock
+        self.stage, self.started = None, clock()
+
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        if stage != self.stage:
+            self.stage, self.started = stage, self.clock()
+        elapsed = self.clock() - self.started
+        text = f"{self.what} · {stage}: {done} of {total}"
+        if done and total:
+            text += f" · {elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left"
+        self.on_stage(0.1 + 0.8 * (done / total if total else 0.0), text)
+
+
 def measure(metric: Metric, loaded: LoadedModel, corpus: CorpusChoice, options, key: str, settings: AppSettings,
             backend: str = "hooks", on_stage: Callable[[float, str], None] = lambda fraction, text: None) -> str:
     """Run one measurement and store it under `key`; returns the run id.
@@ -186,11 +209,16 @@ def measure(metric: Metric, loaded: LoadedModel, corpus: CorpusChoice, options, 
     `on_stage(fraction, text)` reports each stage for a progress bar.
     """
     on_stage(0.05, "tokenising the corpus")
-    windows = token_windows(corpus.spec_for(loaded), loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        windows = corpus.windows_for(loaded)
     metric.check_applies(loaded)
-    on_stage(0.15, f"measuring {metric.name} on {windows.n_tokens:,} tokens of {loaded.spec.name}")
-    result = run_measurements(loaded, windows, [metric.name], options={metric.name: options}, backend=backend)
+    what = f"{metric.name} on {windows.n_tokens:,} tokens of {loaded.spec.name}"
+    on_stage(0.1, f"measuring {what}")
+    result = run_measurements(loaded, windows, [metric.name], options={metric.name: options}, backend=backend,
+                              progress=StageProgress(on_stage, what))
     result.manifest["key"] = key
+    result.manifest["notes"] = [*result.manifest.get("notes", []), *(str(w.message) for w in told)]
     on_stage(0.9, "saving the run")
     run_id = result.save(settings.runs_dir).name
     on_stage(1.0, f"stored as {run_id}")

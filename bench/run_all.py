@@ -24,7 +24,7 @@ from harness import RESULTS_DIR, write_atomic
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SCRIPTS = ("load_time.py", "residual_capture.py", "block_influence.py", "one_pass.py", "data_parallel.py", "skip_sweep.py",
-           "logit_lens.py", "survey.py", "outlier_memory.py", "ln_removal_step.py", "app_reopen.py")
+           "logit_lens.py", "survey.py", "outlier_memory.py", "ln_removal_step.py", "app_reopen.py", "cli_help.py")
 RESULTS_FILE = BENCH / "RESULTS.md"
 
 
@@ -121,7 +121,7 @@ def main() -> int:
         wall[script] = time.perf_counter() - began
     order = {name: i for i, name in enumerate(
         ("load_time", "residual_capture", "scaling", "block_influence", "skip_sweep", "logit_lens", "survey",
-         "outlier_memory", "ln_removal_step", "app_reopen"))}
+         "outlier_memory", "ln_removal_step", "app_reopen", "cli_help"))}
     sections = sorted((json.loads(p.read_text()) for p in RESULTS_DIR.glob("*.json")),
                       key=lambda s: order.get(s["name"], len(order)))
     total = time.perf_counter() - started

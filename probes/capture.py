@@ -27,11 +27,11 @@ from typing import Protocol
 
 import torch
 from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 
 from layerscope.probes.backends import Activations, Point, get_backend, needs_patterns
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
+from layerscope.probes.progress import ProgressArg, progress_bar
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -204,7 +204,7 @@ def _fold_point(consumers: list, point: Point, batch: Batch, x: torch.Tensor) ->
 
 
 def fold(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: str = "hooks",
-         progress: bool = True, window_index: Int[torch.Tensor, "window"] | None = None) -> Fold:
+         progress: ProgressArg = True, window_index: Int[torch.Tensor, "window"] | None = None) -> Fold:
     """Run the model over every window once and fold the activations into fresh states of
     the spec's reducers.  `window_index` gives the corpus index of each of `windows`' windows
     when they are a shard of a larger corpus (default: 0, 1, ...)."""
@@ -220,8 +220,8 @@ def fold(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: s
     wanted = sorted({p for points in reads.values() for p in points}, key=str)
     peak = 0
     started = time.perf_counter()
-    bar = tqdm(windows, total=len(windows), disable=not progress, unit="batch",
-               desc=f"{loaded.spec.name} x {windows.n_tokens} tokens")
+    bar = progress_bar(progress, windows, total=len(windows), unit="batch",
+                       desc=f"{loaded.spec.name} x {windows.n_tokens} tokens")
     stream_to = _pointwise_consumers(spec, reads, states)
     logits = needs_logits(spec)
     with loaded.eager_attention(needs_patterns(wanted)):
@@ -262,7 +262,7 @@ def finish(loaded: LoadedModel, windows: TokenWindows, folded: Fold) -> Capture:
 
 
 def capture(loaded: LoadedModel, windows: TokenWindows, spec: ProbeSpec, backend: str = "hooks",
-            progress: bool = True) -> Capture:
+            progress: ProgressArg = True) -> Capture:
     """Run the model over every window once and fold the activations into the spec's reducers."""
     return finish(loaded, windows, fold(loaded, windows, spec, backend, progress))
 

@@ -7,6 +7,8 @@ clearly why it cannot.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from layerscope.probes.corpus import (LITERAL_PREFIX, STDLIB, CorpusSpec, TokenWindows, corpus_hash,
@@ -28,19 +30,26 @@ def windows(model: LoadedModel, source: str = STDLIB, seq_len: int = 128, max_to
     return token_windows(spec, model.tokenizer, model.bos_token_id, model.max_context)
 
 
-def text_windows(model: LoadedModel, text: str, batch_size: int = 8) -> TokenWindows:
+def text_windows(model: LoadedModel, text: str, batch_size: int = 8, max_length: int | None = None) -> TokenWindows:
     """Literal text measured whole: one window of the text's own tokens, with BOS where the
-    family uses one and no EOS; a text longer than the context is split into windows of
-    the context's length, and the last, shorter part is dropped."""
+    family uses one and no EOS.  A text longer than the context (or `max_length`) is split
+    into windows of that length; what is left over, shorter than a window, is left out
+    and a warning says how many tokens that is."""
     if not text.strip():
         raise UserError("the text is empty: give the text to measure")
     body = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [model.bos_token_id] if model.bos_token_id is not None else []
-    length = min(len(body) + len(bos), model.max_context)
+    length = min(len(body) + len(bos), model.max_context, max_length or model.max_context)
     if length < 2:
         raise UserError(f"the text is {len(body)} token(s) long; at least 2 tokens are needed to measure")
     per_window = length - len(bos)
     n_windows = len(body) // per_window
+    left_out = len(body) - n_windows * per_window
+    if n_windows > 1 or left_out:
+        warnings.warn(f"the text is {len(body)} tokens, longer than one window of {length}: it is measured as "
+                      f"{n_windows} window{'s' if n_windows > 1 else ''} of {per_window} text tokens"
+                      + (" after BOS" if bos else "")
+                      + (f", and its last {left_out} tokens are left out" if left_out else ""))
     ids = torch.tensor(body[:n_windows * per_window]).view(n_windows, per_window)
     if bos:
         ids = torch.cat([torch.full((n_windows, 1), bos[0]), ids], dim=1)

@@ -408,12 +408,16 @@ class _RatiosState(PortableState):
 
 @dataclass(frozen=True)
 class LensGrid:
-    """The corpus's first window: its tokens, and each layer's top token and probability at
-    every position."""
+    """One window of the corpus (the reducer's `window`): its tokens, and each layer's top
+    token and probability at every position, its `top_k` tokens and probabilities, and the
+    rank (1 = top) of the true next token (0 at the last position, which has none)."""
 
     input_ids: Int[torch.Tensor, "pos"]
     top_token: Int[torch.Tensor, "layer pos"]
     top_prob: Float[torch.Tensor, "layer pos"]
+    top_k_tokens: Int[torch.Tensor, "layer pos k"] | None = None
+    top_k_probs: Float[torch.Tensor, "layer pos k"] | None = None
+    target_rank: Int[torch.Tensor, "layer pos"] | None = None
 
 
 @dataclass(frozen=True)
@@ -441,20 +445,23 @@ class LogitLens:
     here, all layers' chunks of positions in one matmul."""
 
     name: str = "logit_lens"
+    window: int = 0
+    top_k: int = 5
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point("resid_post", l) for l in range(loaded.n_layers)]
 
     def start(self, loaded: LoadedModel) -> "_LensState":
-        return _LensState(loaded)
+        return _LensState(loaded, self.window, self.top_k)
 
 
 class _LensState(PortableState):
     model_bound = ("loaded",)
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, window: int = 0, top_k: int = 5):
         self.loaded = loaded
         self.n_layers = loaded.n_layers
+        self.window, self.top_k = window, top_k
         self.sums = torch.zeros(loaded.n_layers, 3, dtype=torch.float64)  # ce, correct, kl
         self.tokens = 0
         self.grid: LensGrid | None = None
@@ -470,13 +477,27 @@ class _LensState(PortableState):
         self.sums[:, 0] += scores.ce.double().sum(dim=-1).cpu()
         self.sums[:, 1] += ((scores.top == targets) & has_target).sum(dim=-1).cpu()
         self.sums[:, 2] += (scores.kl * has_target).double().sum(dim=-1).cpu()
-        row = batch.first_row
-        if row is not None:
-            width = batch.input_ids.shape[1]
-            window = slice(row * width, (row + 1) * width)
-            self.grid = LensGrid(batch.input_ids[row], scores.top[:, window].cpu(),
-                                 scores.top_logprob[:, window].exp().cpu())
+        hit = (batch.windows == self.window).nonzero()
+        if len(hit):
+            self.grid = self._grid(batch.input_ids[int(hit[0, 0])], resid[:, int(hit[0, 0])])
         self.tokens += batch.input_ids[:, 1:].numel()
+
+    def _grid(self, input_ids: Int[torch.Tensor, "pos"], resid: Float[torch.Tensor, "layer pos d_model"]) -> LensGrid:
+        """The chosen window's top-k tokens per layer and position, and the true next token's
+        rank; one layer's [pos vocab] probabilities at a time."""
+        from layerscope.probes.replay import final_normed, head_logits
+
+        top_ids, top_probs, ranks = [], [], []
+        for layer in range(self.n_layers):
+            probs = torch.softmax(head_logits(self.loaded, final_normed(self.loaded, resid[layer])).float(), dim=-1)
+            prob, token = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
+            top_ids.append(token.cpu())
+            top_probs.append(prob.cpu())
+            target = probs[:-1].gather(-1, input_ids[1:, None].to(probs.device))
+            rank = ((probs[:-1] > target).sum(-1) + 1).cpu()
+            ranks.append(torch.cat([rank, rank.new_zeros(1)]))
+        ids, probs = torch.stack(top_ids), torch.stack(top_probs)
+        return LensGrid(input_ids.cpu(), ids[..., 0], probs[..., 0], ids, probs, torch.stack(ranks))
 
     def merge(self, other: "_LensState") -> None:
         require_same(self, other, "n_layers")
@@ -484,7 +505,7 @@ class _LensState(PortableState):
         self.tokens += other.tokens
         if other.grid is not None:
             if self.grid is not None:
-                raise ValueError("both logit-lens states hold the corpus's first window: their windows overlap")
+                raise ValueError("both logit-lens states hold the lens window: their windows overlap")
             self.grid = other.grid
 
     def result(self) -> LogitLensResult:

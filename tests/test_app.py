@@ -1,15 +1,18 @@
 """The Streamlit app under AppTest: every page on a tiny model, reopening stored runs,
 the compare view, and bad input shown as a readable error."""
 
+import base64
 import json
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 from streamlit.util import calc_hash
 
 import layerscope.app
+from layerscope.analysis.plots import shown_token
 from layerscope.analysis.registry import METRICS
 from layerscope.analysis.store import list_runs, load_run
 from layerscope.app.cli import main
@@ -78,8 +81,10 @@ def _flat_strings(value) -> set[str]:
 
 def _shows_a_token(tokens: set[str], hover: set[str]) -> bool:
     # Byte-level tokens are often one character, so a bare substring proves nothing:
-    # a token must be a whole label, or appear quoted as its repr.
-    return any(token in hover or any(repr(token) in label for label in hover) for token in tokens)
+    # a token must be a whole label, or appear quoted (as its repr, or as the figures
+    # quote it, with whitespace made visible).
+    return any(token in hover or any(repr(token) in label or shown_token(token) in label for label in hover)
+               for token in tokens)
 
 
 def _hover_strings(chart: dict) -> set[str]:
@@ -114,7 +119,7 @@ def test_every_measurement_page_runs_and_reopens_from_the_store(name, store):
     [run] = list_runs(store)
     manifest, tables = load_run(run["run_id"], store)
     drawn = charts(at)
-    assert len(drawn) == len(METRICS[name].figures(tables)) >= 1
+    assert len(drawn) == len(METRICS[name].figures(tables)) + len(METRICS[name].views_for(tables)) >= 1
     assert len(at.dataframe) == len(METRICS[name].display(tables))
     # Hover: where a table names tokens, the figures carry that text for the hover labels.
     tokens = _token_texts(tables)
@@ -247,3 +252,87 @@ def test_typed_text_comes_back_after_choosing_another_corpus():
     assert not at.sidebar.text_area
     at.sidebar.radio(key="corpus_kind").set_value("text").run()
     assert at.sidebar.text_area(key="corpus_text").value == "my own text about layers"
+
+
+def _run_page(name: str, store, **state) -> tuple[AppTest, dict]:
+    at = open_app(name, **state)
+    at.button(key=f"{name}.run").click().run()
+    assert_clean(at)
+    [run] = list_runs(store)
+    return at, load_run(run["run_id"], store)[1]
+
+
+def _view_select(at: AppTest, control: str):
+    return next(box for box in at.selectbox if box.key.endswith(f".{control}"))
+
+
+def _array(value) -> np.ndarray:
+    """A chart's data array as plotly writes it: a list, or a typed array in base64."""
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        shape = [int(n) for n in str(value.get("shape", len(flat))).split(",")]
+        return flat.reshape(shape)
+    return np.asarray(value)
+
+
+def _title(chart: dict) -> str:
+    return chart["layout"]["title"]["text"]
+
+
+def test_sinks_page_picks_the_heaviest_sink_head_and_draws_another_on_request(store):
+    at, tables = _run_page("sinks", store)
+    heads = tables["sink_heads"]
+    heaviest = heads.loc[heads["alpha_0"].idxmax()]
+    layer, head = _view_select(at, "layer"), _view_select(at, "head")
+    assert (layer.value, head.value) == (heaviest["layer"], heaviest["head"])
+    other = (int(heaviest["head"]) + 1) % 4
+    head.select(other).run()
+    assert_clean(at)
+    pattern = next(c for c in charts(at) if _title(c).startswith("Attention pattern"))
+    assert _title(pattern).startswith(f"Attention pattern of layer {int(heaviest['layer'])}, head {other}")
+    # The drawn weights are that head's rows of the stored pattern.
+    expected = tables["attention_pattern"].query("layer == @heaviest.layer and head == @other")
+    z = _array(pattern["data"][0]["z"])
+    assert np.allclose(z[expected["query"], expected["key"]], expected["weight"], atol=1e-6)
+    # The sink column is marked, and the hover names the query and key tokens.
+    assert pattern["layout"]["shapes"][0]["x0"] == -0.5 and "sink column" in pattern["layout"]["annotations"][0]["text"]
+    tokens = tables["pattern_tokens"]["token"]
+    assert _array(pattern["data"][0]["customdata"])[1][0] == f"1: {shown_token(tokens[1])} \u2192 0: {shown_token(tokens[0])}"
+
+
+def test_massive_page_shows_token_by_dim_magnitudes_at_a_chosen_layer(store):
+    at, tables = _run_page("massive", store)
+    layer = _view_select(at, "layer")
+    layer.select(2).run()
+    assert_clean(at)
+    heat = next(c for c in charts(at) if "per token and dim" in _title(c))
+    assert "block 2" in _title(heat)
+    top = tables["massive_example"].query("layer == 2 and dim >= 0")["abs_value"].max()
+    assert _array(heat["data"][0]["customdata"]).max() == pytest.approx(top)
+
+
+def test_dla_page_draws_the_chosen_position(store):
+    at, tables = _run_page("dla", store)
+    position = _view_select(at, "position")
+    assert position.value == tables["dla_tokens"]["position"].max()
+    position.select(3).run()
+    assert_clean(at)
+    chart = next(c for c in charts(at) if _title(c).startswith("Direct logit attribution at position 3"))
+    target = tables["dla_tokens"].query("position == 3")["target"].iloc[0]
+    assert shown_token(target) in _title(chart)
+
+
+def test_logit_lens_page_moves_the_grid_and_measures_another_window(store):
+    at, tables = _run_page("logit-lens", store)
+    start = _view_select(at, "first_position")
+    assert start.value == 0 and len(start.options) >= 2
+    start.select(12).run()
+    assert_clean(at)
+    grid = next(c for c in charts(at) if _title(c).startswith("Logit lens: top token"))
+    assert "positions 12-" in _title(grid)
+    hover = grid["data"][0]["hovertemplate"]
+    assert "target" in hover and "rank" in hover and "top-5" in hover
+    # The window option is a measurement option: window 1 does not exist in one short text.
+    at.number_input(key="logit-lens.window").set_value(1).run()
+    at.button(key="logit-lens.run").click().run()
+    assert not at.exception and "has no window 1" in at.error[0].value

@@ -216,7 +216,8 @@ def test_placements_refuse_trained_weights():
     (["layer-skip", "--model", "tiny-llama", "--layers", "7"], "layer 7 is out of range"),
     (["block-influence", "--model", "tiny-llama", "--angular", "9"], "larger than the depth"),
     (["logit-lens", "--model", "tiny-bert"], "is an encoder"),
-    (["variance", "--model", "tiny-llama", "--corpus", "text:too short", "--seq-len", "64"], "fewer than one window"),
+    # Literal text is measured whole whatever --seq-len says; an empty one is refused.
+    (["variance", "--model", "tiny-llama", "--corpus", "text: ", "--seq-len", "64"], "the text is empty"),
     (["block-influence", "--model", "tiny-llama", "--placements", "sideways"], "unknown norm placement"),
 ])
 def test_depth_cli_bad_input(capsys, argv, message):

@@ -108,7 +108,21 @@ def test_figures_and_summary(norm_free):
     loaded = norm_free["llama"]
     tables = METRIC(loaded, _windows(loaded), DLAOptions())
     bars = dla_figure(tables["dla"], tables["dla_check"])
-    assert list(bars.data[0].x)[:3] == ["embed", "attn 0", "mlp 0"] and "norm-free" in bars.layout.title.text
+    labels = ["embed", *(f"{part} {layer}" for layer in range(loaded.n_layers) for part in ("attn", "mlp")), "bias"]
+    # Every component is labelled on the axis, in residual order, and each kind is one
+    # legend entry with its colour.
+    assert list(bars.layout.xaxis.tickvals) == labels and "norm-free" in bars.layout.title.text
+    assert [trace.name for trace in bars.data if trace.type == "bar"] == ["embed", "attn", "mlp", "bias"]
+    assert sorted(x for trace in bars.data if trace.type == "bar" for x in trace.x) == sorted(labels)
+    # At one position the terms are that position's row of the per-token table, and they
+    # add up to the model's logit there (the per-token table itself is checked above).
+    (view,) = METRIC.views_for(tables)
+    position = view.defaults(tables)["position"]
+    rows = tables["dla_tokens"].query("position == @position")
+    at = view.figure(tables, position=position)
+    drawn = {x: y for trace in at.data for x, y in zip(trace.x, trace.y)}
+    assert drawn == pytest.approx(dict(zip(labels, rows["value"])))
+    assert sum(drawn.values()) == pytest.approx(rows["logit"].iloc[0], abs=1e-3)
     heat = dla_tokens_figure(tables["dla_tokens"])
     assert heat.data[0].z.shape == (2 * loaded.n_layers + 2, 31)
     summary = METRIC.summarize(tables)

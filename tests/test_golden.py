@@ -47,9 +47,12 @@ def check_model(model: str, names: list[str]) -> None:
         options = metric.options(**({"max_removed": 2} if name == "prune-curve" and loaded.n_layers < 8 else {}))
         tables = metric(loaded, windows, options)
         stored = sorted((GOLDEN / model / name).glob("*.parquet"))
-        assert stored and sorted(tables) == sorted(p.stem for p in stored), name
+        # Tables and columns added since the stored commit (pictures of one window) are
+        # not in the store; every stored one must still come out the same.
+        assert stored and {p.stem for p in stored} <= set(tables), name
         for path in stored:
-            assert_same_table(pd.read_parquet(path), tables[path.stem], f"{model} {name} {path.stem}")
+            expected = pd.read_parquet(path)
+            assert_same_table(expected, tables[path.stem][list(expected.columns)], f"{model} {name} {path.stem}")
 
 
 @pytest.mark.parametrize("model", TINY)

@@ -76,7 +76,17 @@ def test_planted_activation_in_a_model_and_zero_versus_mean(tiny_models):
     assert effect.loc["mean", "delta_loss"] == pytest.approx(0.0, abs=1e-6)
     assert METRIC.summarize(tables)[0].startswith("massive: dims 7 of the block output become massive at block 1")
     top_figure, persistence_figure = METRIC.figures(tables)
-    assert len(top_figure.data) == 4 and list(persistence_figure.data[0].y) == ["7"] * 3
+    assert len(top_figure.data) == 4 and list(persistence_figure.data[0].y) == ["dim 7"] * 3
+    # The token x dim picture opens where the activation appears, and shows the planted
+    # cell of the first window at 10,000 with every other dim's largest |x| beside it.
+    (view,) = METRIC.views_for(tables)
+    assert view.defaults(tables) == {"layer": 1}
+    example = tables["massive_example"].query("layer == 1")
+    planted = example.query("position == 3 and dim == 7")["abs_value"]
+    assert planted.tolist() == [10_000.0]
+    assert example.query("dim == -1")["abs_value"].max() < 10_000.0
+    heatmap = view.figure(tables).data[0]
+    assert "dim 7" in heatmap.x and heatmap.customdata.max() == 10_000.0
 
 
 def test_state_size_does_not_grow_with_the_corpus(tiny_models):

@@ -66,7 +66,7 @@ def test_survey_report_holds_every_figure_and_loads_nothing(survey_run, tmp_path
     manifest, tables = load_run(run_id, root)
     surveyed = run_metric_names(manifest)
     assert manifest["metric"] == "survey" and surveyed == applicable and len(surveyed) >= len(METRICS) // 2
-    expected = sum(len(METRICS[name].figures(tables)) for name in surveyed)
+    expected = sum(len(METRICS[name].figures(tables)) + len(METRICS[name].views_for(tables)) for name in surveyed)
     document = output.read_text()
     resources = _parse(document)
     assert resources.plots == expected >= len(surveyed)

@@ -70,7 +70,8 @@ def test_all_measurements_in_one_call_match_the_stored_tables(model):
                      else None)
     for name in names:
         for path in sorted((GOLDEN / model / name).glob("*.parquet")):
-            assert_same_table(pd.read_parquet(path), result[path.stem], f"{model} {name} {path.stem}")
+            expected = pd.read_parquet(path)  # columns added since the stored commit are not compared
+            assert_same_table(expected, result[path.stem][list(expected.columns)], f"{model} {name} {path.stem}")
 
 
 def test_equal_reducers_are_shared_and_conflicting_ones_refused(tiny_models, monkeypatch):
