@@ -29,6 +29,7 @@ from plotly.subplots import make_subplots
 from layerscope.analysis.result import Result
 
 COMPARED_METRICS = ["variance", "block-influence", "massive"]
+MAX_COMPARED = 8
 
 
 def depth_table(results: dict[str, Result], placements: dict[str, str]) -> pd.DataFrame:
@@ -116,8 +117,8 @@ def figure(depth: pd.DataFrame) -> go.Figure:
 def summarize(growth: pd.DataFrame) -> list[str]:
     lines = []
     for row in growth.itertuples():
-        where = ("no massive activation" if row.first_massive_layer is None else
-                 f"massive from block {row.first_massive_layer} ({row.first_massive_relative_depth:.0%} of depth)")
+        where = ("no massive activation" if pd.isna(row.first_massive_layer) else
+                 f"massive from block {int(row.first_massive_layer)} ({row.first_massive_relative_depth:.0%} of depth)")
         lines.append(f"{row.model} ({row.placement}-LN, {row.n_layers} blocks): norm x{row.growth_per_layer:.3f} per "
                      f"layer, x{row.growth_per_tenth_of_depth:.2f} per tenth of depth (R² {row.r2:.2f}); {where}")
     return lines

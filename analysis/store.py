@@ -492,7 +492,8 @@ def _inspect(folder: Path) -> tuple[dict, dict | None]:
         status = "corrupt" if problem else COMPLETE
     row = {"run_id": folder.name, "status": status, "metric": manifest["metric"],
            "model": manifest.get("model", {}).get("model"), "created": manifest.get("created"),
-           "key": manifest.get("key"), "path": str(folder)}
+           "key": manifest.get("key"), "path": str(folder),
+           "metrics": list(manifest.get("tables_by_metric") or {})}
     if problem:
         row["problem"] = problem
     if manifest.get("warnings"):

@@ -352,7 +352,6 @@ def cmd_survey(args) -> int:
 
 # The three real models: Pre-LN, Peri-LN and Post-LN.
 COMPARED_MODELS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
-MAX_COMPARED_MODELS = 8
 
 
 def cmd_compare(args) -> int:
@@ -360,8 +359,9 @@ def cmd_compare(args) -> int:
     from layerscope.analysis import model_comparison
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    if not 2 <= len(names) <= MAX_COMPARED_MODELS or len(set(names)) != len(names):
-        raise UserError(f"--models takes 2 to {MAX_COMPARED_MODELS} different models, got {args.models!r}")
+    most = model_comparison.MAX_COMPARED
+    if not 2 <= len(names) <= most or len(set(names)) != len(names):
+        raise UserError(f"--models takes 2 to {most} different models, got {args.models!r}")
     results, placements, runs = {}, {}, {}
     for name in names:
         args.model = name

@@ -19,7 +19,8 @@ navigation = st.navigation({
     "Model": [st.Page("page_overview.py", title="Overview", default=True)],
     "Measurements": [st.Page(partial(measurement_page, name), title=name, url_path=name) for name in METRICS],
     "Runs": [st.Page("page_runs.py", title="Stored runs", url_path="runs"),
-             st.Page("page_compare.py", title="Compare", url_path="compare")],
+             st.Page("page_compare.py", title="Compare", url_path="compare"),
+             st.Page("page_placements.py", title="Norm placements", url_path="placements")],
 })
 ui.sidebar_inputs()
 ui.keep_option_values()

@@ -32,7 +32,7 @@ from layerscope.probes.ln_schedule import FIRST, RemovalEvent, batch_for_step, l
 from layerscope.probes.norms import (RemovableNorm, frozen_scales, token_scale, tracking, unwrap_norms,
                                      value_split_roles, wrap_norms)
 from layerscope.probes.zoo import LoadedModel
-from layerscope.probes.replay import next_token_ce, next_token_logprobs
+from layerscope.probes.replay import next_token_ce
 
 MASK_RATE = 0.15
 HISTORY_COLUMNS = ("step", "loss", "ce", "aux", "lr", "grad_norm", "removed")
@@ -75,8 +75,8 @@ def distill_loss(loaded: LoadedModel, teacher: torch.nn.Module, ids: Int[torch.T
     if loaded.adapter.causal:
         logits = loaded.model(input_ids=ids, use_cache=False).logits.float()
         with torch.no_grad():
-            target = next_token_logprobs(teacher(input_ids=ids, use_cache=False).logits.float())
-        student = next_token_logprobs(logits)
+            target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float()[:, :-1], dim=-1)
+        student = torch.log_softmax(logits[:, :-1], dim=-1)
         ce = next_token_ce(logits, ids).mean()
     else:
         inputs, labels = _masked(loaded, ids, seed)

@@ -25,8 +25,8 @@ from jaxtyping import Float
 from layerscope.probes.families import get_module
 from layerscope.probes.interventions import frozen_norms
 from layerscope.probes.norms import NormSite, require_norms, token_scale
-from layerscope.probes.replay import (CleanPass, Reference, compare_to_reference, next_token_ce, record_clean_pass,
-                                      run_blocks, unembed)
+from layerscope.probes.replay import (CleanPass, final_normed, next_token_rows, record_clean_pass, run_blocks,
+                                      score_tokens)
 from layerscope.probes.zoo import LoadedModel
 
 # Natural-log bins of the per-token scale: 1% wide from e^-30 to e^30, enough for any
@@ -164,9 +164,11 @@ def freeze_sweep(loaded: LoadedModel, batches, stats: ScaleStats, groups: dict[s
     ce_full, tokens = 0.0, 0
     for input_ids in batches:
         clean = record_clean_pass(loaded, input_ids)
-        reference = Reference.of(clean.logits, clean.input_ids) if causal else None
         if causal:
-            ce_full += next_token_ce(clean.logits, clean.input_ids).sum().item()
+            targets = clean.input_ids[:, 1:].reshape(-1)
+            reference = next_token_rows(final_normed(loaded, clean.final_resid))
+            clean_scores = score_tokens(loaded, reference[None], targets)
+            ce_full += clean_scores.ce.double().sum().item()
         final_norm = clean.final_resid[:, 1:].double().norm(dim=-1)
         for j, chosen in enumerate(members):
             layers = [start[i] for i in chosen]
@@ -178,9 +180,11 @@ def freeze_sweep(loaded: LoadedModel, batches, stats: ScaleStats, groups: dict[s
                     sums["final"][variant][j] += ((final[:, 1:].double() - clean.final_resid[:, 1:].double())
                                                   .norm(dim=-1) / final_norm.clamp_min(1e-12)).sum().item()
                     if causal:
-                        compared = compare_to_reference(unembed(loaded, final), reference)
-                        for name, key in (("ce", "ce"), ("kl", "kl"), ("agree", "agree")):
-                            sums[name][variant][j] += compared[key]
+                        scores = score_tokens(loaded, next_token_rows(final_normed(loaded, final))[None], targets,
+                                              reference=reference)
+                        sums["ce"][variant][j] += scores.ce.double().sum().item()
+                        sums["kl"][variant][j] += scores.kl.double().sum().item()
+                        sums["agree"][variant][j] += (scores.top == clean_scores.top).sum().item()
                 if progress is not None:
                     progress.update(1)
         tokens += input_ids.shape[0] * (input_ids.shape[1] - 1)

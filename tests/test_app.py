@@ -336,3 +336,25 @@ def test_logit_lens_page_moves_the_grid_and_measures_another_window(store):
     at.number_input(key="logit-lens.window").set_value(1).run()
     at.button(key="logit-lens.run").click().run()
     assert not at.exception and "has no window 1" in at.error[0].value
+
+
+def test_the_placements_view_joins_stored_runs_by_relative_depth(store):
+    from layerscope.app.cli import main
+
+    assert main(["compare", "--models", "tiny-llama,tiny-gemma3", "--max-tokens", "64", "--seq-len", "32",
+                 "--runs-dir", str(store)]) == 0
+    at = open_app("page_placements.py")
+    assert_clean(at)
+    [chart] = charts(at)
+    names = {trace["name"] for trace in chart["data"]}
+    assert names == {"tiny-llama (pre)", "tiny-gemma3 (peri)"}
+    growth = at.dataframe[0].value.set_index("model")
+    assert set(growth.index) == {"tiny-llama", "tiny-gemma3"}
+    assert any("tiny-gemma3 (peri-LN, 2 blocks)" in m.value for m in at.markdown)
+
+
+def test_the_placements_view_asks_for_runs_that_hold_its_measurements(store):
+    open_app("residual-stats").button(key="residual-stats.run").click().run()
+    at = open_app("page_placements.py")
+    assert_clean(at)
+    assert "needs two stored runs" in at.info[0].value
