@@ -98,7 +98,8 @@ def measure_scales(loaded: LoadedModel, batches, sites: list[NormSite] | None = 
     seen: list[torch.Tensor | None] = [None] * k
     for input_ids in batches:
         with _scale_hooks(loaded, sites, seen):
-            record_clean_pass(loaded, input_ids)
+            # The whole model: the final norm and an encoder's head norm come after the blocks.
+            loaded.model(input_ids=input_ids.to(loaded.input_device))
         for i, scale in enumerate(seen):
             # Positions are the last axis ([batch pos], or [batch head pos] for a query/key norm).
             first_sum[i] += scale[..., 0].mean().item() * input_ids.shape[0]

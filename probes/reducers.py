@@ -483,21 +483,28 @@ class _LensState(PortableState):
         self.tokens += batch.input_ids[:, 1:].numel()
 
     def _grid(self, input_ids: Int[torch.Tensor, "pos"], resid: Float[torch.Tensor, "layer pos d_model"]) -> LensGrid:
-        """The chosen window's top-k tokens per layer and position, and the true next token's
-        rank; one layer's [pos vocab] probabilities at a time."""
-        from layerscope.probes.replay import final_normed, head_logits
+        """The chosen window's top-k tokens per layer and position, and the rank (1 = top) of
+        the true next token, with the positions unembedded in chunks like `score_tokens`."""
+        from layerscope.probes.replay import CHUNK_BYTES, final_normed, head_logits
 
-        top_ids, top_probs, ranks = [], [], []
-        for layer in range(self.n_layers):
-            probs = torch.softmax(head_logits(self.loaded, final_normed(self.loaded, resid[layer])).float(), dim=-1)
-            prob, token = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
-            top_ids.append(token.cpu())
-            top_probs.append(prob.cpu())
-            target = probs[:-1].gather(-1, input_ids[1:, None].to(probs.device))
-            rank = ((probs[:-1] > target).sum(-1) + 1).cpu()
-            ranks.append(torch.cat([rank, rank.new_zeros(1)]))
-        ids, probs = torch.stack(top_ids), torch.stack(top_probs)
-        return LensGrid(input_ids.cpu(), ids[..., 0], probs[..., 0], ids, probs, torch.stack(ranks))
+        normed = final_normed(self.loaded, resid)
+        targets = torch.cat([input_ids[1:], input_ids.new_full((1,), -1)]).to(normed.device)
+        vocab = getattr(self.loaded.config, "vocab_size", None) or 2**16
+        step = max(1, CHUNK_BYTES // (4 * vocab * self.n_layers))
+        k = min(self.top_k, vocab)
+        ids = torch.zeros(self.n_layers, len(targets), k, dtype=torch.long)
+        probs = torch.zeros(self.n_layers, len(targets), k)
+        ranks = torch.zeros(self.n_layers, len(targets), dtype=torch.long)
+        for start in range(0, len(targets), step):
+            rows = slice(start, start + step)
+            chunk = torch.softmax(head_logits(self.loaded, normed[:, rows]).float(), dim=-1)
+            prob, token = chunk.topk(k, dim=-1)
+            ids[:, rows], probs[:, rows] = token.cpu(), prob.cpu()
+            target = targets[rows]
+            picked = chunk.gather(-1, target.clamp_min(0)[None, :, None].expand(self.n_layers, -1, 1))
+            rank = (chunk > picked).sum(-1) + 1
+            ranks[:, rows] = torch.where(target >= 0, rank, torch.zeros_like(rank)).cpu()
+        return LensGrid(input_ids.cpu(), ids[..., 0], probs[..., 0], ids, probs, ranks)
 
     def merge(self, other: "_LensState") -> None:
         require_same(self, other, "n_layers")

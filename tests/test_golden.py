@@ -52,7 +52,10 @@ def check_model(model: str, names: list[str]) -> None:
         assert stored and {p.stem for p in stored} <= set(tables), name
         for path in stored:
             expected = pd.read_parquet(path)
-            assert_same_table(expected, tables[path.stem][list(expected.columns)], f"{model} {name} {path.stem}")
+            got = tables[path.stem][list(expected.columns)]
+            if path.stem == "lens_grid":  # the grid now shows up to 64 positions; 32 were stored
+                got = got[got["position"] <= expected["position"].max()].reset_index(drop=True)
+            assert_same_table(expected, got, f"{model} {name} {path.stem}")
 
 
 @pytest.mark.parametrize("model", TINY)
