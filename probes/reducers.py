@@ -159,8 +159,13 @@ class _MomentsState(PortableState):
 
 
 def _moments_and_max(x: torch.Tensor) -> tuple:
-    # The first of equal maxima in (window, position, dim) order: the lowest window.
-    value, flat = abs_of(x).flatten().max(dim=0)
+    # The largest |x| is the larger of max(x) and -min(x): two reads and no |x| to write.
+    # Where both reach it, the first in (window, position, dim) order: the lowest window.
+    high, high_at = x.flatten().max(dim=0)
+    low, low_at = x.flatten().min(dim=0)
+    value = torch.maximum(high, -low)
+    flat = torch.where(high == value, high_at, low_at)
+    flat = torch.where(-low == value, torch.minimum(flat, low_at), flat)
     return _batch_moments(x), value, flat
 
 
@@ -270,7 +275,7 @@ class LayerCosines:
 
 
 class _CosinesState(PortableState):
-    model_bound = ("_shared", "waiting", "span_inputs")
+    model_bound = ("_shared", "waiting", "span_starts", "span_ends")
     # Columns of the packed sums.
     BLOCK, ATTN, MLP, ANGULAR = range(4)
 
@@ -279,10 +284,12 @@ class _CosinesState(PortableState):
         self.n_layers = n_layers
         self.sums = torch.zeros(n_layers, 4, dtype=torch.float64)
         self.tokens = 0
-        # Points of the current layer in float64 with their token norms, and the inputs an
-        # angular span still needs, by layer.
+        # Points of layers not yet complete in float64 with their token norms, and the ends
+        # of angular spans whose other end has not arrived: inputs by first layer, outputs
+        # by last layer.
         self.waiting: dict[Point, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.span_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.span_starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.span_ends: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._shared = _SharedTensor()
 
     def update(self, acts: Activations, batch: Batch) -> None:
@@ -293,8 +300,8 @@ class _CosinesState(PortableState):
 
     def _close_if_complete(self, layer: int) -> None:
         # A backend may stream some points and return the rest after the pass (a derived
-        # resid_mid), so a layer closes when its last point arrives, whichever that is.
-        # Either way layers complete in ascending order, which the angular span relies on.
+        # resid_mid, or points another reducer keeps), so a layer closes when its last
+        # point arrives, whichever that is, and layers may complete in any order.
         wanted = [Point(kind, layer) for kind in ("resid_pre", "resid_mid", "resid_post")]
         if not all(p in self.waiting for p in wanted):
             return
@@ -306,14 +313,15 @@ class _CosinesState(PortableState):
             self.tokens += pre[1].numel()
         span = self.spec.span
         if span > 0:
-            self.span_inputs[layer] = pre
-            first = layer - span + 1
-            if first >= 0:
-                start = self.span_inputs.pop(first)
-                cos = (_dot(start, post) / (start[1] * post[1]).clamp_min(_EPS)).clamp(-1, 1)
-                self.sums[first, self.ANGULAR] += (torch.arccos(cos) / torch.pi).sum()
-            if layer == self.n_layers - 1:
-                self.span_inputs.clear()
+            if layer + span - 1 < self.n_layers:
+                self.span_starts[layer] = pre
+            if layer - span + 1 >= 0:
+                self.span_ends[layer] = post
+            for first in (layer, layer - span + 1):
+                if first in self.span_starts and first + span - 1 in self.span_ends:
+                    start, end = self.span_starts.pop(first), self.span_ends.pop(first + span - 1)
+                    cos = (_dot(start, end) / (start[1] * end[1]).clamp_min(_EPS)).clamp(-1, 1)
+                    self.sums[first, self.ANGULAR] += (torch.arccos(cos) / torch.pi).sum()
 
     def merge(self, other: "_CosinesState") -> None:
         require_same(self, other, "spec", "n_layers")
@@ -336,12 +344,15 @@ _EPS = 1e-8
 
 
 def _widen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A point in float64 with its token norms."""
-    return x.double(), token_norms64(x)
+    """A point in float64 with its token norms (taken from that float64 copy when no other
+    reducer has taken them yet)."""
+    wide = x.double()
+    return wide, per_tensor(x, "norm64", lambda _: wide.norm(dim=-1))
 
 
 def _widen_from_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x[:, 1:].double(), token_norms64(x)[:, 1:]
+    wide, norms = _widen(x)
+    return wide[:, 1:], norms[:, 1:]
 
 
 def _dot(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> Float[torch.Tensor, "batch pos"]:
@@ -371,6 +382,7 @@ class SublayerRatios:
     ||mlp_out|| / ||resid_mid||: how much each sublayer writes relative to what it reads."""
 
     name: str = "sublayer_ratios"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(k, l) for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out") for l in range(loaded.n_layers)]
@@ -379,23 +391,37 @@ class SublayerRatios:
         return _RatiosState(loaded.n_layers)
 
 
+# Each sublayer's output, with the point it reads.
+_SUBLAYERS = (("attn_out", "resid_pre"), ("mlp_out", "resid_mid"))
+
+
 class _RatiosState(PortableState):
+    model_bound = ("waiting",)
+
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
         self.attn = torch.zeros(n_layers, dtype=torch.float64)
         self.mlp = torch.zeros(n_layers, dtype=torch.float64)
         self.tokens = 0
+        # Token norms (positions >= 1) of points whose partner has not arrived yet.
+        self.waiting: dict[Point, torch.Tensor] = {}
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        norm = lambda kind, layer: token_norms64(acts[Point(kind, layer)])[:, 1:]
-        for layer in range(self.n_layers):
-            self.attn[layer] += (norm("attn_out", layer) / norm("resid_pre", layer)).sum()
-            self.mlp[layer] += (norm("mlp_out", layer) / norm("resid_mid", layer)).sum()
-        x = next(iter(acts.values()))
-        self.tokens += x.shape[0] * (x.shape[1] - 1)
+        for point, x in acts.items():
+            self.waiting[point] = token_norms64(x)[:, 1:]
+            sums, (out, into) = next((sums, pair) for sums, pair in zip((self.attn, self.mlp), _SUBLAYERS)
+                                     if point.kind in pair)
+            out, into = Point(out, point.layer), Point(into, point.layer)
+            if out in self.waiting and into in self.waiting:
+                ratio = self.waiting.pop(out) / self.waiting.pop(into)
+                sums[point.layer] += ratio.sum()
+                if sums is self.attn and point.layer == 0:  # once a batch
+                    self.tokens += ratio.numel()
 
     def merge(self, other: "_RatiosState") -> None:
         require_same(self, other, "n_layers")
+        if getattr(self, "waiting", None) or getattr(other, "waiting", None):
+            raise ValueError("cannot merge sublayer ratios in the middle of a batch")
         self.attn += other.attn
         self.mlp += other.mlp
         self.tokens += other.tokens
