@@ -28,7 +28,8 @@ from layerscope.probes.weight_edits import down_proj_matrix, zeroed_down_proj_we
 from layerscope.probes.zoo import LoadedModel
 
 KINDS = ("mlp_act", "mlp_out")
-PROBE = ProbeSpec((ResidualMoments(kinds=KINDS, name="mlp_extremes"),))
+# The scan reads only the largest |x| of each point and where it was.
+PROBE = ProbeSpec((ResidualMoments(kinds=KINDS, name="mlp_extremes", sums=False),))
 
 
 @dataclass(frozen=True)

@@ -85,11 +85,11 @@ class Moments:
 
 @dataclass(frozen=True)
 class PointMoments:
-    """One point kind, per layer: moments at position 0 and at the other positions, and the
-    largest |x| with where it occurred."""
+    """One point kind, per layer: moments at position 0 and at the other positions (None
+    when only the largest |x| was asked for), and the largest |x| with where it occurred."""
 
-    first: Moments
-    rest: Moments
+    first: Moments | None
+    rest: Moments | None
     max_abs: Float[torch.Tensor, "layer"]
     max_at: Location
 
@@ -107,24 +107,26 @@ class MomentsResult:
 @dataclass(frozen=True)
 class ResidualMoments:
     """Per point: token count, sum of L2 norms, element count, sum and sum of
-    squares (position 0 apart from the rest), and the largest |x| with its location."""
+    squares (position 0 apart from the rest), and the largest |x| with its location; with
+    `sums=False`, only the largest |x| and its location."""
 
     kinds: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
     name: str = "moments"
+    sums: bool = True
     pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(k, l) for k in self.kinds for l in range(loaded.n_layers)]
 
     def start(self, loaded: LoadedModel) -> "_MomentsState":
-        return _MomentsState(self.kinds, loaded.n_layers)
+        return _MomentsState(self.kinds, loaded.n_layers, self.sums)
 
 
 class _MomentsState(PortableState):
     model_bound = ("_shared",)
 
-    def __init__(self, kinds: tuple[str, ...], n_layers: int):
-        self.kinds = kinds
+    def __init__(self, kinds: tuple[str, ...], n_layers: int, sums: bool = True):
+        self.kinds, self.sums = kinds, sums
         shape = (len(kinds), n_layers)
         # [kind layer slot field]: slot 0 is position 0, slot 1 the other positions.
         self.moments = torch.zeros(*shape, 2, len(_MOMENT_FIELDS), dtype=torch.float64)
@@ -135,8 +137,9 @@ class _MomentsState(PortableState):
 
     def update(self, acts: Activations, batch: Batch) -> None:
         for (k, l), x in _by_index(acts, self.kinds):
-            moments, value, flat = self._shared.reduce(x, _moments_and_max)
-            self.moments[k, l] += moments
+            moments, value, flat = self._shared.reduce(x, _moments_and_max if self.sums else _max_only)
+            if self.sums:
+                self.moments[k, l] += moments
             row, pos, dim = torch.unravel_index(flat, x.shape)
             window = batch.windows[row]
             if beats(value.double(), window, self.max_abs[k, l], self.max_at[k, l, 0]):
@@ -144,7 +147,7 @@ class _MomentsState(PortableState):
                 self.max_at[k, l] = torch.stack([window, pos, dim, batch.input_ids[row, pos]])
 
     def merge(self, other: "_MomentsState") -> None:
-        require_same(self, other, "kinds")
+        require_same(self, other, "kinds", "sums")
         self.moments += other.moments
         better = beats(other.max_abs, other.max_at[..., 0], self.max_abs, self.max_at[..., 0])
         self.max_abs = torch.where(better, other.max_abs, self.max_abs)
@@ -152,13 +155,14 @@ class _MomentsState(PortableState):
 
     def result(self) -> MomentsResult:
         self._shared = _SharedTensor()
+        moments = lambda k, slot: Moments.unpack(self.moments[k, :, slot].clone()) if self.sums else None
         return MomentsResult({kind: PointMoments(
-            first=Moments.unpack(self.moments[k, :, 0].clone()), rest=Moments.unpack(self.moments[k, :, 1].clone()),
+            first=moments(k, 0), rest=moments(k, 1),
             max_abs=self.max_abs[k].clone(), max_at=Location(*self.max_at[k].clone().unbind(-1)),
         ) for k, kind in enumerate(self.kinds)})
 
 
-def _moments_and_max(x: torch.Tensor) -> tuple:
+def _max_only(x: torch.Tensor) -> tuple:
     # The largest |x| is the larger of max(x) and -min(x): two reads and no |x| to write.
     # Where both reach it, the first in (window, position, dim) order: the lowest window.
     high, high_at = x.flatten().max(dim=0)
@@ -166,7 +170,11 @@ def _moments_and_max(x: torch.Tensor) -> tuple:
     value = torch.maximum(high, -low)
     flat = torch.where(high == value, high_at, low_at)
     flat = torch.where(-low == value, torch.minimum(flat, low_at), flat)
-    return _batch_moments(x), value, flat
+    return None, value, flat
+
+
+def _moments_and_max(x: torch.Tensor) -> tuple:
+    return _batch_moments(x), *_max_only(x)[1:]
 
 
 def _storage_key(x: torch.Tensor) -> tuple:
