@@ -147,6 +147,8 @@ class _DLAState(PortableState):
         model, adapter = loaded.model, loaded.adapter
         self.n_layers = loaded.n_layers
         self.token = token
+        # The components' points in residual order: every point DLA reads but the final residual.
+        self.parts = DirectLogitAttribution().points(loaded)[:-1]
         self.norm = get_module(model, adapter.final_norm)
         self.weight_offset = adapter.norm_weight_offset
         self.kind = norm_kind(self.norm)
@@ -174,22 +176,16 @@ class _DLAState(PortableState):
     @torch.no_grad()
     def update(self, acts: Activations, batch: Batch) -> None:
         target, valid = self.targets(batch)
-        parts = [acts[Point("resid_pre", 0)]]
-        for layer in range(self.n_layers):
-            parts += [acts[Point("attn_out", layer)], acts[Point("mlp_out", layer)]]
         h = acts[Point("resid_post", self.n_layers - 1)].double()
         direction = self.w_u[target].double()  # [batch pos d_model]
-        parts = [p.double() for p in parts]  # once each, for the terms, the direct effects and the check
-        dla, direct, constant = attribute(parts, h, self.norm, direction, self.weight_offset)
+        dla, direct, constant, total = attribute([acts[p] for p in self.parts], h, self.norm, direction,
+                                                 self.weight_offset)
         if self.b_u is not None:
             constant = constant + self.b_u[target].double()
         model_logit = batch.logits.gather(-1, target[..., None])[..., 0].double()
         terms = torch.cat([dla, constant[None]])  # [component batch pos], the constant last
         effects = torch.cat([direct, constant[None]])
         gap = terms.sum(0) - model_logit
-        total = parts[0].clone()
-        for p in parts[1:]:
-            total += p
         residual_gap = (total - h).abs().amax()
         m = valid.double()
         self.components += torch.stack([(terms * m).sum((1, 2)), (terms.abs() * m).sum((1, 2)),
@@ -226,35 +222,49 @@ class _DLAState(PortableState):
 def attribute(parts: list[Float[torch.Tensor, "batch pos d_model"]], h: Float[torch.Tensor, "batch pos d_model"],
               norm: torch.nn.Module, direction: Float[torch.Tensor, "batch pos d_model"], weight_offset: float
               ) -> tuple[Float[torch.Tensor, "component batch pos"], Float[torch.Tensor, "component batch pos"],
-                         Float[torch.Tensor, "batch pos"]]:
+                         Float[torch.Tensor, "batch pos"], Float[torch.Tensor, "batch pos d_model"]]:
     """Each component's attribution with the final norm's per-token scale frozen at its value
     on `h`, each component's direct effect (logit with `h` minus logit with `h - c`, through
-    the actual norm), and the constant term `W_U[t] . b` of the norm's bias; float64."""
+    the actual norm), the constant term `W_U[t] . b` of the norm's bias, and the sum of the
+    components (what `h` should equal); float64."""
     real = getattr(norm, "real", norm)
     offset = getattr(norm, "weight_offset", weight_offset)
     weight = real.weight.double() + offset
+    h = h.double()
     scale = applied_scale(norm, h)[..., None]
     bias = getattr(real, "bias", None)
     constant = (direction * bias.double()).sum(-1) if bias is not None else torch.zeros(h.shape[:-1], dtype=h.dtype)
     layernorm = norm_kind(norm) == "layernorm"
-    if real is norm and is_real_norm(norm):
-        # A plain norm: its output dotted with the direction is (x_c . (w * direction)) / s(x_c)
-        # (plus the bias term), one product per component instead of the norm's whole output.
-        weighted = (real.weight.double() + weight_offset) * direction
-        eps = norm_eps(real)
-
-        def through(x: torch.Tensor) -> torch.Tensor:
-            c = x - x.mean(dim=-1, keepdim=True) if layernorm else x
-            logit = (c * weighted).sum(-1) / (c.square().mean(dim=-1) + eps).sqrt()
-            return logit + constant if bias is not None else logit
-    else:
-        through = lambda x: (norm_forward(norm, x, weight_offset) * direction).sum(-1)
-    full = through(h)
+    d_model = h.shape[-1]
+    h_c = h - h.mean(dim=-1, keepdim=True) if layernorm else h
     frozen = weight * direction / scale  # the direction through the norm with h's scale
+    plain = real is norm and is_real_norm(norm)
+    # A plain norm's output dotted with the direction is (x_c . (w * direction)) / s(x_c) (plus
+    # the bias term).  Removing c from h changes x_c . v by c_c . v and |x_c|^2 by
+    # |c_c|^2 - 2 h_c . c_c, so each direct effect needs only per-token dot products, taken
+    # for all the vectors at once; centring is linear: c_c . v = c . v - mean(c) sum(v).
+    weighted = (real.weight.double() + weight_offset) * direction
+    vectors = torch.stack((frozen, weighted, h_c, torch.ones_like(h)), dim=-1)  # [batch pos d_model 4]
+    sums = vectors.sum(-2)
+    eps = norm_eps(real) if plain else None
+    h_w, h_sq = (h_c * weighted).sum(-1), h_c.square().sum(-1)
+    through = lambda x: (norm_forward(norm, x, weight_offset) * direction).sum(-1)
+    full = h_w / (h_sq / d_model + eps).sqrt() if plain else through(h)
     dla, direct = [], []
+    total = torch.zeros_like(h)
     for part in parts:
         wide = part.double()
-        c = wide - wide.mean(dim=-1, keepdim=True) if layernorm else wide
-        dla.append((c * frozen).sum(-1))
-        direct.append(full - through(h - wide))
-    return torch.stack(dla), torch.stack(direct), constant
+        total += wide
+        dots = torch.matmul(wide[..., None, :], vectors)[..., 0, :]  # [batch pos 4]
+        mean = dots[..., 3] / d_model
+        if layernorm:
+            dots = dots - mean[..., None] * sums
+        dla.append(dots[..., 0])
+        if plain:
+            c_sq = torch.linalg.vector_norm(wide, dim=-1).square()
+            if layernorm:
+                c_sq = c_sq - d_model * mean.square()
+            direct.append(full - (h_w - dots[..., 1]) / ((h_sq - 2 * dots[..., 2] + c_sq) / d_model + eps).sqrt())
+        else:
+            direct.append(full - through(h - wide))
+    return torch.stack(dla), torch.stack(direct), constant, total

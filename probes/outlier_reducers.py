@@ -41,8 +41,10 @@ def log_bins(x: Float[torch.Tensor, "*shape"]) -> Int[torch.Tensor, "*shape"]:
 
 
 def _log_bins_of_abs(absx: Float[torch.Tensor, "*shape"]) -> Int[torch.Tensor, "*shape"]:
-    index = ((absx.float().log10() - LOG_LOW) * BINS_PER_DECADE).floor()
-    return index.clamp(0, N_LOG_BINS - 1).long()
+    # In place on one float32 buffer: the same float32 operations, without a tensor each.
+    index = absx.float().log10()
+    index.sub_(LOG_LOW).mul_(BINS_PER_DECADE).floor_().clamp_(0, N_LOG_BINS - 1)
+    return index.to(torch.int32)
 
 
 def log_histogram_quantile(counts: Int[torch.Tensor, "*rows bin"], q: float = 0.5) -> Float[torch.Tensor, "*rows"]:
@@ -78,8 +80,10 @@ def projection_inputs(loaded: LoadedModel) -> tuple[tuple[str, ...], Callable, C
         if adapter.placement == "post" or norm_path is None:
             return x
         norm = get_module(blocks[layer], norm_path)
-        # Shared by the reducers that read the same projection input in one pass.
-        return per_tensor(x, f"norm {id(norm)}", norm)
+        # Shared by the reducers that read the same projection input in one pass.  `forward`
+        # rather than a call: reducers run while a pass streams its points, and a capture hook
+        # on this module would fire again.
+        return per_tensor(x, f"norm {id(norm)}", norm.forward)
 
     def attn_in(acts: Activations, layer: int) -> torch.Tensor:
         return normed(adapter.ln1, acts[Point("resid_pre", layer)], layer)
@@ -91,6 +95,20 @@ def projection_inputs(loaded: LoadedModel) -> tuple[tuple[str, ...], Callable, C
         return normed(mlp_norm, acts[Point(kinds[-1], layer)], layer)
 
     return kinds, attn_in, mlp_in
+
+
+def sites_of(point: Point, sites: tuple[tuple[str, Callable], ...]):
+    """(site index, the site's input) for each site that `point` feeds, where each site is
+    (the point kind it reads, `read(acts, layer)`): a pointwise reducer's view of one point."""
+    for index, (kind, read) in enumerate(sites):
+        if point.kind == kind:
+            yield index, read
+
+
+def projection_sites(loaded: LoadedModel) -> tuple[tuple[str, Callable], tuple[str, Callable]]:
+    """`projection_inputs`' two sites (attention input, MLP input), each with the point kind it reads."""
+    kinds, attn_in, mlp_in = projection_inputs(loaded)
+    return ("resid_pre", attn_in), (kinds[-1], mlp_in)
 
 
 def head_dim(loaded: LoadedModel) -> int:
@@ -106,7 +124,7 @@ def value_vectors(loaded: LoadedModel) -> Callable:
 
     @torch.no_grad()
     def values(attn_in: torch.Tensor, layer: int) -> torch.Tensor:
-        out = get_module(blocks[layer], adapter.attn_projections[-1])(attn_in)
+        out = get_module(blocks[layer], adapter.attn_projections[-1]).forward(attn_in)  # no hooks: see `normed`
         b, t = out.shape[:2]
         if adapter.qkv_layout == "separate":
             return out.view(b, t, n_kv, d_head)
@@ -222,6 +240,7 @@ class MassiveActivations:
     min_value: float = 100.0
     kind: str = "resid_post"
     name: str = "massive"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(self.kind, l) for l in range(loaded.n_layers)]
@@ -243,10 +262,10 @@ class _MassiveState(PortableState):
         self.tokens = 0
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        b, t = batch.input_ids.shape
-        self.tokens += b * t
         for point, x in acts.items():
             layer, absx = point.layer, abs_of(x)
+            if layer == 0:  # each point arrives once a batch
+                self.tokens += batch.input_ids.numel()
             self.histogram[layer] += torch.bincount(_log_bins_of_abs(absx).flatten(), minlength=N_LOG_BINS)
             self.over[layer, :, 0] += (absx[:, 0] > self.min_value).sum(0)
             self.over[layer, :, 1] += (absx[:, 1:] > self.min_value).sum((0, 1))
@@ -398,20 +417,20 @@ class ProjectionOutliers:
 
     threshold: float = 6.0
     name: str = "projection_outliers"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         kinds = projection_inputs(loaded)[0]
         return [Point(k, l) for k in kinds for l in range(loaded.n_layers)]
 
     def start(self, loaded: LoadedModel) -> "_ProjectionOutlierState":
-        _, attn_in, mlp_in = projection_inputs(loaded)
-        return _ProjectionOutlierState(self.threshold, (attn_in, mlp_in), loaded.n_layers, loaded.d_model)
+        return _ProjectionOutlierState(self.threshold, projection_sites(loaded), loaded.n_layers, loaded.d_model)
 
 
 class _ProjectionOutlierState(PortableState):
     model_bound = ("inputs",)
 
-    def __init__(self, threshold: float, inputs: tuple[Callable, ...], n_layers: int, d_model: int):
+    def __init__(self, threshold: float, inputs: tuple[tuple[str, Callable], ...], n_layers: int, d_model: int):
         self.threshold, self.inputs, self.n_layers = threshold, inputs, n_layers
         # [layer site dim], sites in PROJECTION_SITES order
         self.counts = torch.zeros(n_layers, len(PROJECTION_SITES), d_model, dtype=torch.long)
@@ -419,12 +438,16 @@ class _ProjectionOutlierState(PortableState):
         self.tokens = 0
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        self.tokens += batch.input_ids.numel()
-        for layer in range(self.n_layers):
-            for site, read in enumerate(self.inputs):
-                absx = abs_of(read(acts, layer)).flatten(0, 1)
-                self.counts[layer, site] += (absx >= self.threshold).sum(0)
-                self.max_abs[layer, site] = torch.maximum(self.max_abs[layer, site], absx.max(0).values.double())
+        for point, x in acts.items():
+            for site, read in sites_of(point, self.inputs):
+                if site == 0 and point.layer == 0:  # each point arrives once a batch
+                    self.tokens += batch.input_ids.numel()
+                # |x| >= t is x >= t or x <= -t, and max |x| is max(max x, -min x): no |x| to write.
+                x_in = read({point: x}, point.layer).flatten(0, 1)
+                self.counts[point.layer, site] += (x_in >= self.threshold).sum(0) + (x_in <= -self.threshold).sum(0)
+                low, high = x_in.aminmax(dim=0)
+                self.max_abs[point.layer, site] = torch.maximum(self.max_abs[point.layer, site],
+                                                                torch.maximum(high, -low).double())
 
     def merge(self, other: "_ProjectionOutlierState") -> None:
         require_same(self, other, "threshold", "n_layers")
@@ -483,31 +506,32 @@ class TokenKurtosis:
     excess kurtosis and token count, position 0 apart from the rest."""
 
     name: str = "kurtosis"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         kinds = projection_inputs(loaded)[0]
         return [Point(k, l) for k in (*kinds, "resid_post") for l in range(loaded.n_layers)]
 
     def start(self, loaded: LoadedModel) -> "_KurtosisState":
-        _, attn_in, mlp_in = projection_inputs(loaded)
-        return _KurtosisState((lambda acts, layer: acts[Point("resid_post", layer)], attn_in, mlp_in), loaded.n_layers)
+        block_out = ("resid_post", lambda acts, layer: acts[Point("resid_post", layer)])
+        return _KurtosisState((block_out, *projection_sites(loaded)), loaded.n_layers)
 
 
 class _KurtosisState(PortableState):
     model_bound = ("sites",)
 
-    def __init__(self, sites: tuple[Callable, ...], n_layers: int):
+    def __init__(self, sites: tuple[tuple[str, Callable], ...], n_layers: int):
         self.sites, self.n_layers = sites, n_layers
         # [site layer slot], sites in KURTOSIS_SITES order; slot 0 is position 0
         self.sums = torch.zeros(len(KURTOSIS_SITES), n_layers, 2, dtype=torch.float64)
         self.counts = torch.zeros(len(KURTOSIS_SITES), n_layers, 2, dtype=torch.long)
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        for layer in range(self.n_layers):
-            for site, read in enumerate(self.sites):
-                kurt = token_excess_kurtosis(read(acts, layer))
-                self.sums[site, layer] += torch.stack([kurt[:, 0].sum(), kurt[:, 1:].sum()])
-                self.counts[site, layer] += torch.tensor([kurt[:, 0].numel(), kurt[:, 1:].numel()])
+        for point, x in acts.items():
+            for site, read in sites_of(point, self.sites):
+                kurt = token_excess_kurtosis(read({point: x}, point.layer))
+                self.sums[site, point.layer] += torch.stack([kurt[:, 0].sum(), kurt[:, 1:].sum()])
+                self.counts[site, point.layer] += torch.tensor([kurt[:, 0].numel(), kurt[:, 1:].numel()])
 
     def merge(self, other: "_KurtosisState") -> None:
         require_same(self, other, "n_layers")
@@ -523,9 +547,12 @@ class _KurtosisState(PortableState):
 # ---------------------------------------------------------------- attention sinks
 
 def attention_entropy(pattern: Float[torch.Tensor, "batch head pos pos"]) -> Float[torch.Tensor, "batch head pos"]:
-    """-sum_k A[t,k] log A[t,k] of each query's attention distribution, in nats."""
-    wide = pattern.double()
-    return -torch.special.xlogy(wide, wide).sum(-1)
+    """-sum_k A[t,k] log A[t,k] of each query's attention distribution, in nats.
+
+    Each term in float32 (within 1.2e-7 of its value: float64 logarithms cost several times
+    more), summed in float64."""
+    wide = pattern if pattern.dtype == torch.float64 else pattern.float()
+    return -torch.special.xlogy(wide, wide).sum(-1, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -557,6 +584,7 @@ class AttentionSinks:
 
     eps: float = 0.3
     name: str = "attention_sinks"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(k, l) for k in ("attn_pattern", "resid_pre") for l in range(loaded.n_layers)]
@@ -564,7 +592,7 @@ class AttentionSinks:
     def start(self, loaded: LoadedModel) -> "_SinkState":
         attn_in = projection_inputs(loaded)[1]
         values = value_vectors(loaded)
-        return _SinkState(self.eps, lambda acts, layer: values(attn_in(acts, layer), layer),
+        return _SinkState(self.eps, lambda x, layer: values(attn_in({Point("resid_pre", layer): x}, layer), layer),
                           loaded.n_layers, loaded.n_heads, loaded.n_kv_heads, loaded.adapter.causal)
 
 
@@ -587,18 +615,19 @@ class _SinkState(PortableState):
         if self.key_mass is None:
             self.key_mass = torch.zeros(self.n_layers, self.n_heads, t, dtype=torch.float64)
             self.length = t
-        self.windows += b
-        seeing = self._queries_seeing(t)
-        for layer in range(self.n_layers):
-            pattern = acts[Point("attn_pattern", layer)]
-            wide = pattern.double()
-            mass = wide.sum(2)  # [batch head key]
+        for point, x in acts.items():
+            layer = point.layer
+            if point.kind == "resid_pre":
+                norms = self.values(x, layer).double().norm(dim=-1)  # [batch pos kv_head]
+                self.value_norms[layer, :, 0] += norms[:, 0].sum(0)
+                self.value_norms[layer, :, 1] += norms[:, 1:].sum((0, 1))
+                continue
+            if layer == 0:  # each point arrives once a batch
+                self.windows += b
+            mass = x.sum(2, dtype=torch.float64)  # [batch head key]
             self.key_mass[layer] += mass.sum(0)
-            self.sink_windows[layer] += (mass[..., 0] / seeing[0] > self.eps).sum(0)
-            self.entropy[layer] += attention_entropy(wide)[:, :, 1:].sum((0, 2))
-            norms = self.values(acts, layer).double().norm(dim=-1)  # [batch pos kv_head]
-            self.value_norms[layer, :, 0] += norms[:, 0].sum(0)
-            self.value_norms[layer, :, 1] += norms[:, 1:].sum((0, 1))
+            self.sink_windows[layer] += (mass[..., 0] / self._queries_seeing(t)[0] > self.eps).sum(0)
+            self.entropy[layer] += attention_entropy(x)[:, :, 1:].sum((0, 2))
 
     def _check_length(self, t: int) -> None:
         if self.key_mass is not None and t != self.length:
@@ -652,6 +681,7 @@ class ResidualSinks:
 
     kind: str = "resid_post"
     name: str = "residual_sinks"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(self.kind, l) for l in range(loaded.n_layers)]
@@ -667,8 +697,9 @@ class _ResidualSinkState(PortableState):
         self.tokens = 0
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        self.tokens += batch.input_ids.numel()
         for point, h in acts.items():
+            if point.layer == 0:  # each point arrives once a batch
+                self.tokens += batch.input_ids.numel()
             top, dim = abs_of(h).max(-1)
             self.argmax_counts[point.layer] += torch.bincount(dim.flatten(), minlength=h.shape[-1])
             self.share_sum[point.layer] += (top.double() / token_norms64(h).clamp_min(1e-30)).sum()

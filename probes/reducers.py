@@ -85,11 +85,11 @@ class Moments:
 
 @dataclass(frozen=True)
 class PointMoments:
-    """One point kind, per layer: moments at position 0 and at the other positions, and the
-    largest |x| with where it occurred."""
+    """One point kind, per layer: moments at position 0 and at the other positions (None
+    when only the largest |x| was asked for), and the largest |x| with where it occurred."""
 
-    first: Moments
-    rest: Moments
+    first: Moments | None
+    rest: Moments | None
     max_abs: Float[torch.Tensor, "layer"]
     max_at: Location
 
@@ -107,24 +107,26 @@ class MomentsResult:
 @dataclass(frozen=True)
 class ResidualMoments:
     """Per point: token count, sum of L2 norms, element count, sum and sum of
-    squares (position 0 apart from the rest), and the largest |x| with its location."""
+    squares (position 0 apart from the rest), and the largest |x| with its location; with
+    `sums=False`, only the largest |x| and its location."""
 
     kinds: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
     name: str = "moments"
+    sums: bool = True
     pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(k, l) for k in self.kinds for l in range(loaded.n_layers)]
 
     def start(self, loaded: LoadedModel) -> "_MomentsState":
-        return _MomentsState(self.kinds, loaded.n_layers)
+        return _MomentsState(self.kinds, loaded.n_layers, self.sums)
 
 
 class _MomentsState(PortableState):
     model_bound = ("_shared",)
 
-    def __init__(self, kinds: tuple[str, ...], n_layers: int):
-        self.kinds = kinds
+    def __init__(self, kinds: tuple[str, ...], n_layers: int, sums: bool = True):
+        self.kinds, self.sums = kinds, sums
         shape = (len(kinds), n_layers)
         # [kind layer slot field]: slot 0 is position 0, slot 1 the other positions.
         self.moments = torch.zeros(*shape, 2, len(_MOMENT_FIELDS), dtype=torch.float64)
@@ -135,8 +137,9 @@ class _MomentsState(PortableState):
 
     def update(self, acts: Activations, batch: Batch) -> None:
         for (k, l), x in _by_index(acts, self.kinds):
-            moments, value, flat = self._shared.reduce(x, _moments_and_max)
-            self.moments[k, l] += moments
+            moments, value, flat = self._shared.reduce(x, _moments_and_max if self.sums else _max_only)
+            if self.sums:
+                self.moments[k, l] += moments
             row, pos, dim = torch.unravel_index(flat, x.shape)
             window = batch.windows[row]
             if beats(value.double(), window, self.max_abs[k, l], self.max_at[k, l, 0]):
@@ -144,7 +147,7 @@ class _MomentsState(PortableState):
                 self.max_at[k, l] = torch.stack([window, pos, dim, batch.input_ids[row, pos]])
 
     def merge(self, other: "_MomentsState") -> None:
-        require_same(self, other, "kinds")
+        require_same(self, other, "kinds", "sums")
         self.moments += other.moments
         better = beats(other.max_abs, other.max_at[..., 0], self.max_abs, self.max_at[..., 0])
         self.max_abs = torch.where(better, other.max_abs, self.max_abs)
@@ -152,16 +155,26 @@ class _MomentsState(PortableState):
 
     def result(self) -> MomentsResult:
         self._shared = _SharedTensor()
+        moments = lambda k, slot: Moments.unpack(self.moments[k, :, slot].clone()) if self.sums else None
         return MomentsResult({kind: PointMoments(
-            first=Moments.unpack(self.moments[k, :, 0].clone()), rest=Moments.unpack(self.moments[k, :, 1].clone()),
+            first=moments(k, 0), rest=moments(k, 1),
             max_abs=self.max_abs[k].clone(), max_at=Location(*self.max_at[k].clone().unbind(-1)),
         ) for k, kind in enumerate(self.kinds)})
 
 
+def _max_only(x: torch.Tensor) -> tuple:
+    # The largest |x| is the larger of max(x) and -min(x): two reads and no |x| to write.
+    # Where both reach it, the first in (window, position, dim) order: the lowest window.
+    high, high_at = x.flatten().max(dim=0)
+    low, low_at = x.flatten().min(dim=0)
+    value = torch.maximum(high, -low)
+    flat = torch.where(high == value, high_at, low_at)
+    flat = torch.where(-low == value, torch.minimum(flat, low_at), flat)
+    return None, value, flat
+
+
 def _moments_and_max(x: torch.Tensor) -> tuple:
-    # The first of equal maxima in (window, position, dim) order: the lowest window.
-    value, flat = abs_of(x).flatten().max(dim=0)
-    return _batch_moments(x), value, flat
+    return _batch_moments(x), *_max_only(x)[1:]
 
 
 def _storage_key(x: torch.Tensor) -> tuple:
@@ -270,7 +283,7 @@ class LayerCosines:
 
 
 class _CosinesState(PortableState):
-    model_bound = ("_shared", "waiting", "span_inputs")
+    model_bound = ("_shared", "waiting", "span_starts", "span_ends")
     # Columns of the packed sums.
     BLOCK, ATTN, MLP, ANGULAR = range(4)
 
@@ -279,10 +292,12 @@ class _CosinesState(PortableState):
         self.n_layers = n_layers
         self.sums = torch.zeros(n_layers, 4, dtype=torch.float64)
         self.tokens = 0
-        # Points of the current layer in float64 with their token norms, and the inputs an
-        # angular span still needs, by layer.
+        # Points of layers not yet complete in float64 with their token norms, and the ends
+        # of angular spans whose other end has not arrived: inputs by first layer, outputs
+        # by last layer.
         self.waiting: dict[Point, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.span_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.span_starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.span_ends: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._shared = _SharedTensor()
 
     def update(self, acts: Activations, batch: Batch) -> None:
@@ -293,8 +308,8 @@ class _CosinesState(PortableState):
 
     def _close_if_complete(self, layer: int) -> None:
         # A backend may stream some points and return the rest after the pass (a derived
-        # resid_mid), so a layer closes when its last point arrives, whichever that is.
-        # Either way layers complete in ascending order, which the angular span relies on.
+        # resid_mid, or points another reducer keeps), so a layer closes when its last
+        # point arrives, whichever that is, and layers may complete in any order.
         wanted = [Point(kind, layer) for kind in ("resid_pre", "resid_mid", "resid_post")]
         if not all(p in self.waiting for p in wanted):
             return
@@ -306,14 +321,15 @@ class _CosinesState(PortableState):
             self.tokens += pre[1].numel()
         span = self.spec.span
         if span > 0:
-            self.span_inputs[layer] = pre
-            first = layer - span + 1
-            if first >= 0:
-                start = self.span_inputs.pop(first)
-                cos = (_dot(start, post) / (start[1] * post[1]).clamp_min(_EPS)).clamp(-1, 1)
-                self.sums[first, self.ANGULAR] += (torch.arccos(cos) / torch.pi).sum()
-            if layer == self.n_layers - 1:
-                self.span_inputs.clear()
+            if layer + span - 1 < self.n_layers:
+                self.span_starts[layer] = pre
+            if layer - span + 1 >= 0:
+                self.span_ends[layer] = post
+            for first in (layer, layer - span + 1):
+                if first in self.span_starts and first + span - 1 in self.span_ends:
+                    start, end = self.span_starts.pop(first), self.span_ends.pop(first + span - 1)
+                    cos = (_dot(start, end) / (start[1] * end[1]).clamp_min(_EPS)).clamp(-1, 1)
+                    self.sums[first, self.ANGULAR] += (torch.arccos(cos) / torch.pi).sum()
 
     def merge(self, other: "_CosinesState") -> None:
         require_same(self, other, "spec", "n_layers")
@@ -336,12 +352,15 @@ _EPS = 1e-8
 
 
 def _widen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A point in float64 with its token norms."""
-    return x.double(), token_norms64(x)
+    """A point in float64 with its token norms (taken from that float64 copy when no other
+    reducer has taken them yet)."""
+    wide = x.double()
+    return wide, per_tensor(x, "norm64", lambda _: wide.norm(dim=-1))
 
 
 def _widen_from_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x[:, 1:].double(), token_norms64(x)[:, 1:]
+    wide, norms = _widen(x)
+    return wide[:, 1:], norms[:, 1:]
 
 
 def _dot(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> Float[torch.Tensor, "batch pos"]:
@@ -371,6 +390,7 @@ class SublayerRatios:
     ||mlp_out|| / ||resid_mid||: how much each sublayer writes relative to what it reads."""
 
     name: str = "sublayer_ratios"
+    pointwise = True
 
     def points(self, loaded: LoadedModel) -> list[Point]:
         return [Point(k, l) for k in ("resid_pre", "resid_mid", "attn_out", "mlp_out") for l in range(loaded.n_layers)]
@@ -379,23 +399,37 @@ class SublayerRatios:
         return _RatiosState(loaded.n_layers)
 
 
+# Each sublayer's output, with the point it reads.
+_SUBLAYERS = (("attn_out", "resid_pre"), ("mlp_out", "resid_mid"))
+
+
 class _RatiosState(PortableState):
+    model_bound = ("waiting",)
+
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
         self.attn = torch.zeros(n_layers, dtype=torch.float64)
         self.mlp = torch.zeros(n_layers, dtype=torch.float64)
         self.tokens = 0
+        # Token norms (positions >= 1) of points whose partner has not arrived yet.
+        self.waiting: dict[Point, torch.Tensor] = {}
 
     def update(self, acts: Activations, batch: Batch) -> None:
-        norm = lambda kind, layer: token_norms64(acts[Point(kind, layer)])[:, 1:]
-        for layer in range(self.n_layers):
-            self.attn[layer] += (norm("attn_out", layer) / norm("resid_pre", layer)).sum()
-            self.mlp[layer] += (norm("mlp_out", layer) / norm("resid_mid", layer)).sum()
-        x = next(iter(acts.values()))
-        self.tokens += x.shape[0] * (x.shape[1] - 1)
+        for point, x in acts.items():
+            self.waiting[point] = token_norms64(x)[:, 1:]
+            sums, (out, into) = next((sums, pair) for sums, pair in zip((self.attn, self.mlp), _SUBLAYERS)
+                                     if point.kind in pair)
+            out, into = Point(out, point.layer), Point(into, point.layer)
+            if out in self.waiting and into in self.waiting:
+                ratio = self.waiting.pop(out) / self.waiting.pop(into)
+                sums[point.layer] += ratio.sum()
+                if sums is self.attn and point.layer == 0:  # once a batch
+                    self.tokens += ratio.numel()
 
     def merge(self, other: "_RatiosState") -> None:
         require_same(self, other, "n_layers")
+        if getattr(self, "waiting", None) or getattr(other, "waiting", None):
+            raise ValueError("cannot merge sublayer ratios in the middle of a batch")
         self.attn += other.attn
         self.mlp += other.mlp
         self.tokens += other.tokens

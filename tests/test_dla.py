@@ -82,7 +82,7 @@ def test_attribute_on_hand_computed_tensors():
     a = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 3.0]]])
     b = torch.tensor([[[0.0, 1.0, -1.0], [2.0, 2.0, 2.0]]])
     direction = torch.tensor([1.0, 1.0, 1.0]).expand(1, 2, 3).double()
-    dla, direct, constant = attribute([a, b], a + b, frozen, direction, 0.0)
+    dla, direct, constant, total = attribute([a, b], a + b, frozen, direction, 0.0)
     # a at position 0: centred (-1, 0, 1) / 4 * (1, 2, 3) -> -0.25 + 0 + 0.75 = 0.5
     # a at position 1: centred (-1, -1, 2) / 2 * (1, 2, 3) -> (-1 - 2 + 6) / 2 = 1.5
     # b at position 0: centred (0, 1, -1) / 4 * (1, 2, 3) -> (2 - 3) / 4 = -0.25; at position 1: 0
@@ -92,6 +92,7 @@ def test_attribute_on_hand_computed_tensors():
     torch.testing.assert_close(constant, torch.full((1, 2), -0.5, dtype=torch.float64))
     logit = (frozen(a + b).double() * direction).sum(-1)
     torch.testing.assert_close(dla.sum(0) + constant, logit)
+    torch.testing.assert_close(total, (a + b).double())
 
 
 def test_a_multi_token_target_and_an_encoder_are_refused():
