@@ -136,7 +136,7 @@ class FrozenNorm(torch.nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("first_scale", torch.tensor(float(first_scale if first_scale is not None else scale)))
 
-    def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[torch.Tensor, "*lead pos d"]) -> Float[torch.Tensor, "*lead pos d"]:
         if self.kind == "layernorm":
             x = x - x.mean(dim=-1, keepdim=True)
         # Positions are the second-to-last axis, also for the [batch head pos d_head] input of

@@ -83,9 +83,9 @@ def norm_sites(loaded: LoadedModel) -> list[NormSite]:
     return sites
 
 
-def token_scale(x: Float[torch.Tensor, "batch pos d_model"], kind: NormKind,
-                eps: float) -> Float[torch.Tensor, "batch pos"]:
-    """The per-token scale a real norm divides by: `sqrt(mean(x_c^2) + eps)`."""
+def token_scale(x: Float[torch.Tensor, "*tokens d"], kind: NormKind, eps: float) -> Float[torch.Tensor, "*tokens"]:
+    """The per-token scale a real norm divides by: `sqrt(mean(x_c^2) + eps)`, over the last
+    axis ([batch pos d_model], or [batch head pos d_head] for a query/key norm)."""
     centred = x - x.mean(dim=-1, keepdim=True) if kind == "layernorm" else x
     return (centred.square().mean(dim=-1) + eps).sqrt()
 

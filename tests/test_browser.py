@@ -189,7 +189,7 @@ def _numbers(labels: list[str]) -> list[float]:
     """Tick labels as numbers: "20%", "0.05", "\u22121", or a power of ten read as "10^\u22122"."""
     numbers = []
     for label in labels:
-        label = label.replace("%", "").replace("\u2212", "-").replace("\u200b", "").strip()
+        label = label.replace("%", "").replace(",", "").replace("\u2212", "-").replace("\u200b", "").strip()
         label = re.sub(r"\^+", "^", label).strip("^")
         power = re.fullmatch(r"10\^(-?\d+)", label)
         numbers.append(10.0 ** int(power.group(1)) if power else float(label))
