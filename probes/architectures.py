@@ -23,12 +23,18 @@ the weighted expert sum; it has no single down-projection, so the measurements t
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
 import inspect
+import json
 import warnings
+from pathlib import Path
 
 import torch
 
 from layerscope.probes.errors import UserError
+from layerscope.probes.files import JSONFileError, read_json_capped, write_atomic
 from layerscope.probes.families import (
     DEFAULT_TL_HOOKS,
     FamilyAdapter,
@@ -84,7 +90,39 @@ def _join(*parts: str | None) -> str:
 
 
 def derive_adapter(model: torch.nn.Module) -> FamilyAdapter:
-    """The site table for `model`, derived from TransformerLens' mapping of its architecture."""
+    """The site table for `model`, derived from TransformerLens' mapping of its architecture.
+
+    A derived table is kept in the model cache, keyed by the TransformerLens version, the
+    architecture and the model's whole config, because importing TransformerLens costs a
+    few seconds that every later load of the same model would pay again."""
+    path = _cached_adapter_path(model)
+    try:
+        data = read_json_capped(path, MAX_CACHED_ADAPTER_BYTES)
+        return FamilyAdapter(**{key: tuple(value) if isinstance(value, list) else value
+                                for key, value in data.items()})
+    except (OSError, JSONFileError, TypeError, AttributeError):
+        pass  # absent or not ours to trust: derived again below
+    adapter = _derive_adapter(model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(dataclasses.asdict(adapter)))
+    except OSError:
+        pass  # a read-only cache only costs the next load the derivation again
+    return adapter
+
+
+MAX_CACHED_ADAPTER_BYTES = 1 << 16
+
+
+def _cached_adapter_path(model: torch.nn.Module) -> Path:
+    from layerscope.probes.zoo import cache_dir
+
+    identity = json.dumps([importlib.metadata.version("transformer-lens"), architecture_of(model),
+                           model.config.to_json_string()])
+    return cache_dir() / "adapters" / f"{hashlib.sha256(identity.encode()).hexdigest()}.json"
+
+
+def _derive_adapter(model: torch.nn.Module) -> FamilyAdapter:
     arch = architecture_of(model)
     found = tl_component_mapping(model)
     if found is None:

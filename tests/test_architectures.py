@@ -182,3 +182,20 @@ def test_every_measurement_runs(models, name):
         for table_name, table in zip(table_names, tables):
             if len(table):
                 assert table.select_dtypes("number").notna().any().any(), (metric, table_name)
+
+
+def test_a_derived_adapter_is_kept_so_a_later_load_skips_transformer_lens(tmp_path):
+    import subprocess
+    import sys
+
+    from layerscope.probes.architectures import _derive_adapter
+
+    script = ("import sys; from layerscope.probes.zoo import load_model; m = load_model('tiny-falcon'); "
+              "print(m.adapter.placement, 'transformer_lens' in sys.modules)")
+    env = {**__import__("os").environ, "LAYERSCOPE_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+            .stdout.split() for _ in range(2)]
+    assert runs == [["parallel", "True"], ["parallel", "False"]]
+    [kept] = (tmp_path / "adapters").glob("*.json")
+    model = load_model("tiny-falcon").model
+    assert json.loads(kept.read_text()) == json.loads(json.dumps(__import__("dataclasses").asdict(_derive_adapter(model))))
