@@ -20,7 +20,7 @@ from layerscope.analysis.store import MANIFEST, list_runs, load_run, read_manife
 from layerscope.app import cli
 from layerscope.probes.errors import UserError
 
-FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=12, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
