@@ -297,7 +297,8 @@ def test_every_page_of_smollm2(browser, app_url, store, real_survey):
     page.goto(app_url)
     page.locator(".st-key-model_choice input").wait_for(timeout=120_000)
     _choose(page, REAL)
-    page.locator("[data-testid='stMetric']").first.wait_for(timeout=MODEL_LOAD_SECONDS * 1000)
+    # The card is drawn metric by metric; wait for the layer count, not the first metric.
+    page.locator("[data-testid='stMetric']", has_text="30").first.wait_for(timeout=MODEL_LOAD_SECONDS * 1000)
     assert "30" in [m.inner_text().split("\n")[-1] for m in page.locator("[data-testid='stMetric']").all()]
     _screenshot(page, ARTIFACTS / f"app_{REAL}_overview.png")
     for name in METRICS:
