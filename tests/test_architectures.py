@@ -36,14 +36,6 @@ def _rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def token_ids():
-    generator = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 256, (2, 12), generator=generator)
-    ids[:, 0] = 256
-    return ids
-
-
-@pytest.fixture(scope="module")
 def models():
     cache = {}
 
@@ -63,13 +55,13 @@ def test_the_derived_adapter_reads_the_architecture(models, name):
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_backends_agree_with_hf_hidden_states(models, token_ids, name):
+def test_backends_agree_with_hf_hidden_states(models, token_batch, name):
     loaded = models(name)
     adapter, n = loaded.adapter, loaded.n_layers
     with torch.no_grad():
-        hidden = loaded.model(token_ids, output_hidden_states=True).hidden_states
+        hidden = loaded.model(token_batch, output_hidden_states=True).hidden_states
     wanted = points(RESID_KINDS, n)
-    runs = {backend: get_backend(backend).run(loaded, token_ids, wanted)[1] for backend in BACKENDS}
+    runs = {backend: get_backend(backend).run(loaded, token_batch, wanted)[1] for backend in BACKENDS}
     acts = runs["hooks"]
     for backend in BACKENDS[1:]:
         for p in wanted:
@@ -99,17 +91,17 @@ def test_backends_agree_with_hf_hidden_states(models, token_ids, name):
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-def test_skipping_a_block_makes_its_output_its_input(models, token_ids, name):
+def test_skipping_a_block_makes_its_output_its_input(models, token_batch, name):
     loaded = models(name)
     hooks = get_backend("hooks")
     with torch.no_grad():
-        clean = loaded.model(token_ids).logits
+        clean = loaded.model(token_batch).logits
         with skip_blocks(loaded, []):
-            unskipped = loaded.model(token_ids).logits
+            unskipped = loaded.model(token_batch).logits
     assert torch.equal(clean, unskipped)
     layer = loaded.n_layers - 1
     with skip_blocks(loaded, [layer]):
-        _, acts = hooks.run(loaded, token_ids, [Point("resid_pre", layer), Point("resid_post", layer)])
+        _, acts = hooks.run(loaded, token_batch, [Point("resid_pre", layer), Point("resid_post", layer)])
     assert torch.equal(acts[Point("resid_pre", layer)], acts[Point("resid_post", layer)])
 
 
@@ -122,10 +114,10 @@ def test_peri_norm_listing_covers_all_four_block_norms_and_the_final_norm(models
     assert roles[-1] == "final_norm" and len(roles) == 4 * loaded.n_layers + 1
 
 
-def test_a_mixture_of_experts_mlp_refuses_the_down_projection_point(models, token_ids):
+def test_a_mixture_of_experts_mlp_refuses_the_down_projection_point(models, token_batch):
     loaded = models("mixtral")
     with pytest.raises(UserError, match="down-projection"):
-        get_backend("hooks").run(loaded, token_ids, [Point("mlp_act", 0)])
+        get_backend("hooks").run(loaded, token_batch, [Point("mlp_act", 0)])
 
 
 def _tiny_config_file(tmp_path, model_type, **extra):
