@@ -76,11 +76,11 @@ def dla(capture: Capture, decode=None) -> Tables:
         for pos in range(len(ids)):
             if not example.valid[pos]:
                 continue
+            token, target = (decode([ids[pos]]), decode([targets[pos]])) if decode else (ids[pos], targets[pos])
+            logit = example.logit[pos].item()
             for (component, layer), value in zip(result.components, example.terms[:, pos].tolist()):
-                token_rows.append({
-                    "position": pos, "token": decode([ids[pos]]) if decode else ids[pos],
-                    "target": decode([targets[pos]]) if decode else targets[pos], "component": component,
-                    "layer": layer, "value": value, "logit": example.logit[pos].item()})
+                token_rows.append({"position": pos, "token": token, "target": target, "component": component,
+                                   "layer": layer, "value": value, "logit": logit})
     tokens = pd.DataFrame(token_rows, columns=["position", "token", "target", "component", "layer", "value", "logit"])
     return {"dla": table, "dla_check": summary, "dla_tokens": tokens.astype({"layer": "Int64"})}
 

@@ -128,3 +128,19 @@ def test_figures_and_summary(norm_free):
     assert heat.data[0].z.shape == (2 * loaded.n_layers + 2, 31)
     summary = METRIC.summarize(tables)
     assert summary[0].startswith("dla (norm-free, token next): components sum to the logit within")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_reported_logit_is_the_models_own(family):
+    """The pass stops before the unembedding; the target's logit DLA reports must still be
+    the one a plain HF forward gives (to its float32 rounding)."""
+    loaded = load_model(f"tiny-{family}")
+    windows = _windows(loaded, tokens=64)
+    tokens = METRIC(loaded, windows, DLAOptions())["dla_tokens"]
+    ids = windows.input_ids[:1]
+    with torch.no_grad():
+        logits = loaded.model(ids).logits[0]
+    per_position = tokens.groupby("position")["logit"].first()
+    expected = [logits[pos, ids[0, pos + 1]].item() for pos in per_position.index]
+    assert len(per_position) == ids.shape[1] - 1
+    assert per_position.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)

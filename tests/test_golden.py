@@ -19,6 +19,14 @@ SEQ_LEN = {"smollm2-135m": 64}
 # Differences of two mean cross-entropies, which cancel: the stored ones were summed in
 # float32 over whole batches, today's per token in float64, so they agree to 1e-6 absolute.
 DIFFERENCES = ("delta_ce",)
+# DLA's gaps between the sum of its terms and the model's logit are float32 rounding, and
+# the logit is now computed for the target alone rather than by the whole unembedding: they
+# need only stay within 64 float32 ulps of the logit's scale.
+ROUNDING_GAPS = ("mean_abs_gap", "max_abs_gap")
+# The stored logits came from the model's float32 unembedding, whose rounding reaches 2e-5
+# on SmolLM2's logits near 10; DLA now takes the target's logit in float64.
+# tests/test_dla.py checks them against raw HF logits.
+UNEMBEDDING_ROUNDING = ("logit", "mean_logit")
 
 
 def assert_same_table(expected: pd.DataFrame, got: pd.DataFrame, where: str) -> None:
@@ -26,8 +34,11 @@ def assert_same_table(expected: pd.DataFrame, got: pd.DataFrame, where: str) -> 
     assert len(got) == len(expected), where
     for column in expected.columns:
         old, new = expected[column], got[column]
-        if pd.api.types.is_numeric_dtype(old) and not pd.api.types.is_bool_dtype(old):
-            atol = 1e-6 if column in DIFFERENCES else 1e-7
+        if column in ROUNDING_GAPS:
+            bound = 64 * np.finfo(np.float32).eps * np.maximum(1.0, expected["mean_logit"].abs().to_numpy())
+            assert (new.to_numpy(float) <= bound).all(), f"{where}: {column} {new.tolist()} over {bound.tolist()}"
+        elif pd.api.types.is_numeric_dtype(old) and not pd.api.types.is_bool_dtype(old):
+            atol = 1e-6 if column in DIFFERENCES else 5e-5 if column in UNEMBEDDING_ROUNDING else 1e-7
             np.testing.assert_allclose(new.to_numpy(float), old.to_numpy(float), rtol=1e-6, atol=atol,
                                        equal_nan=True, err_msg=f"{where}: {column}")
         else:
