@@ -131,3 +131,21 @@ def test_smollm2_in_bfloat16_agrees_with_float32():
     top = lambda r: r["massive_top"].query("rank == 1 and massive")["dim"].mode().iloc[0]
     assert top(wide) == top(narrow)
     assert abs(wide["sink_summary"]["sink_rate"].iloc[0] - narrow["sink_summary"]["sink_rate"].iloc[0]) < 5
+
+
+@pytest.mark.heavy
+def test_every_measurement_runs_on_smollm2_in_bfloat16(tmp_path):
+    """`survey --dtype bfloat16` on real weights: every measurement gives its tables, and
+    the run records the dtype."""
+    from layerscope.analysis.registry import METRICS
+    from layerscope.analysis.store import list_runs, load_run
+
+    assert main(["survey", "--model", "smollm2-135m", "--dtype", "bfloat16", "--device", "cpu", "--seq-len", "64",
+                 "--max-tokens", "128", "--runs-dir", str(tmp_path), "--format", "json"]) == 0
+    [run] = list_runs(tmp_path)
+    manifest, tables = load_run(run["run_id"], tmp_path)
+    assert manifest["model"]["dtype"] == "bfloat16"
+    causal = {name for name, metric in METRICS.items() if metric.applies_to(load_model("smollm2-135m"))}
+    assert set(manifest["tables_by_metric"]) == causal
+    assert all(manifest["tables_by_metric"][name] for name in causal)
+    assert all(len(table) for table in tables.values())
