@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 import torch
 
 from layerscope.analysis.metric import Metric, Tables, View
-from layerscope.analysis.plots import COMPONENT_COLOURS, shown_token
+from layerscope.analysis.plots import COMPONENT_COLOURS, quoted_tokens, shown_token
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.direct_logit import DirectLogitAttribution, DLAResult
@@ -195,7 +195,7 @@ def _summarize(tables: Tables) -> list[str]:
 
 
 def _display(tables: Tables) -> Tables:
-    return {"dla (mean over scored tokens)": tables["dla"], "dla_check": tables["dla_check"]}
+    return {"dla (mean over scored tokens)": tables["dla"], "dla_check": quoted_tokens(tables["dla_check"])}
 
 
 METRIC = Metric("dla", "direct logit attribution of the embedding and each attention and MLP output "

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from layerscope.analysis.metric import Metric, Tables, View
-from layerscope.analysis.plots import integer_axis, shown_token
+from layerscope.analysis.plots import integer_axis, quoted_tokens, shown_token
 from layerscope.probes.errors import UserError
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.reducers import LogitLens, LogitLensResult
@@ -140,6 +140,10 @@ def summarize(tables: Tables) -> list[str]:
             f"{tail}"]
 
 
+def _display(tables: Tables) -> Tables:
+    return {name: quoted_tokens(table) for name, table in tables.items()}
+
+
 METRIC = Metric("logit-lens", "logit lens: CE, top-1 and KL to the final layer of each block's output",
                 probe=probe, tables=tables, options=LogitLensOptions, figures=lambda t: [curve_figure(t["logit_lens"])],
-                views=(GRID_VIEW,), summarize=summarize, causal_only=True)
+                views=(GRID_VIEW,), summarize=summarize, display=_display, causal_only=True)

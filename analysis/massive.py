@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 import torch
 
 from layerscope.analysis.metric import Metric, Tables, View
-from layerscope.analysis.plots import integer_axis, shown_token
+from layerscope.analysis.plots import integer_axis, quoted_tokens, shown_token
 from layerscope.probes.activation_edits import set_large_activations
 from layerscope.probes.backends import Point
 from layerscope.probes.capture import Capture, ProbeSpec, capture
@@ -322,11 +322,11 @@ def _summarize(tables: Tables) -> list[str]:
 
 
 def _display(tables: Tables) -> Tables:
-    quoted = {"token": lambda t: t["token"].map(repr)}  # whitespace tokens carry massive values too
+    # Quoted, because whitespace tokens carry massive values too.
     shown = {"massive_top (per layer, over distinct position and dim)":
-                 tables["massive_top"].drop(columns=["token_id"]).assign(**quoted),
+                 quoted_tokens(tables["massive_top"].drop(columns=["token_id"])),
              "massive_dims (massive cells only; --format json for every dim above min_value)":
-                 tables["massive_dims"].query("massive").drop(columns=["token_id", "massive"]).assign(**quoted),
+                 quoted_tokens(tables["massive_dims"].query("massive").drop(columns=["token_id", "massive"])),
              "massive_persistence": tables["massive_persistence"]}
     if "massive_intervention" in tables:
         shown["massive_intervention"] = tables["massive_intervention"]

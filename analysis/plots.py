@@ -52,6 +52,19 @@ def shown_token(token) -> str:
     return '"' + text.replace(" ", "\u2423").replace("\t", "\u2192").replace("\n", "\u21b5") + '"'
 
 
+def is_token_column(name: str) -> bool:
+    """Whether a table column holds token texts: `token`, `target` (DLA's target token) or `*_token`."""
+    return name in ("token", "target") or name.endswith("_token")
+
+
+def quoted_tokens(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with every token-text column's strings as `shown_token` writes them; other
+    values (numbers, missing) are left as they are."""
+    quoted = {name: table[name].map(lambda v: shown_token(v) if isinstance(v, str) else v)
+              for name in table.columns if isinstance(name, str) and is_token_column(name)}
+    return table.assign(**quoted) if quoted else table
+
+
 def _axis_values(fig: go.Figure, axis: str) -> np.ndarray:
     """Every number plotted against one layout axis ("yaxis", "yaxis2", ...)."""
     letter = axis[0]

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from layerscope.analysis.metric import Metric, NoOptions, Tables
+from layerscope.analysis.plots import quoted_tokens
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.reducers import MomentsResult, ResidualMoments
 from layerscope.probes.zoo import LoadedModel
@@ -70,7 +71,7 @@ def _summarize(tables: Tables) -> list[str]:
 def _block_outputs(tables: Tables) -> Tables:
     table = tables["residual_stats"]
     shown = table[table["point"] == "resid_post"].drop(columns=["point", "max_window"])
-    return {"residual_stats (resid_post, block outputs; --format json for resid_pre/mid)": shown}
+    return {"residual_stats (resid_post, block outputs; --format json for resid_pre/mid)": quoted_tokens(shown)}
 
 
 METRIC = Metric("residual-stats", "per-layer mean norm, std, variance and max|x| of the residual stream",

@@ -11,7 +11,7 @@ and nowhere else.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import MISSING, asdict, fields, replace
 
 import pandas as pd
 
@@ -61,6 +61,13 @@ def resolve_options(metric: Metric, given, shared: dict):
     options = metric.options(**values)
     check_bounds(options)
     return options
+
+
+def changed_options(options) -> dict:
+    """The fields of an options dataclass that differ from their defaults: what tells two
+    runs of one measurement apart in `layerscope runs list`."""
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(options)}
+    return {name: value for name, value in asdict(options).items() if value != defaults[name]}
 
 
 def _union(specs: dict[str, ProbeSpec]) -> ProbeSpec:
@@ -158,6 +165,7 @@ def measure(model: LoadedModel | str, corpus: TokenWindows | str, metrics: list[
         "model": {**loaded.card(), "weights_hash": loaded.weights_hash},
         "corpus": windows.manifest(),
         "options": {name: asdict(opts) for name, opts in resolved.items()},
+        "changed_options": {name: changed_options(opts) for name, opts in resolved.items()},
         "backend": backend,
         "versions": package_versions(),
         "tables_by_metric": per_metric,

@@ -126,6 +126,7 @@ MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "model": ((dict,), False),
     "corpus": ((dict,), False),
     "options": ((dict,), False),
+    "changed_options": ((dict,), False),
     "backend": ((str,), False),
     "versions": ((dict,), False),
     "timings": ((dict,), False),
@@ -186,6 +187,7 @@ def validate_manifest(manifest) -> dict:
     if "model" in model and not _is(model["model"], (str,)):
         raise ManifestError("'model.model' is not a string")
     for name, types, what in (("options", (dict,), "an object per measurement"),
+                              ("changed_options", (dict,), "an object per measurement"),
                               ("tables_by_metric", (list,), "a list of table names per measurement"),
                               ("timings", (*_NUMBER, type(None)), "a number (or null) per stage"),
                               ("versions", (str,), "a string per package"),
@@ -492,6 +494,7 @@ def _inspect(folder: Path) -> tuple[dict, dict | None]:
         status = "corrupt" if problem else COMPLETE
     row = {"run_id": folder.name, "status": status, "metric": manifest["metric"],
            "model": manifest.get("model", {}).get("model"), "created": manifest.get("created"),
+           **corpus_summary(manifest), "options": options_summary(manifest),
            "key": manifest.get("key"), "path": str(folder),
            "metrics": list(manifest.get("tables_by_metric") or {})}
     if problem:
@@ -499,6 +502,33 @@ def _inspect(folder: Path) -> tuple[dict, dict | None]:
     if manifest.get("warnings"):
         row["warnings"] = len(manifest["warnings"])
     return row, manifest if status == COMPLETE else None
+
+
+def corpus_summary(manifest: dict) -> dict:
+    """A run's corpus as `runs list` shows it: the source, the tokens measured, and the
+    windows they were cut into.  A fine-tuning run (LayerNorm removal) names its training corpus."""
+    corpus = manifest.get("corpus") or {}
+    if isinstance(corpus.get("train"), dict):
+        corpus = corpus["train"]
+
+    def number(name):
+        value = corpus.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    source = corpus.get("source")
+    return {"corpus": source if isinstance(source, str) else None, "tokens": number("tokens"),
+            "windows": number("windows"), "seq_len": number("seq_len")}
+
+
+def options_summary(manifest: dict) -> str:
+    """The options a run set away from their defaults, as `name=value` (prefixed with the
+    measurement in a run of several); empty when every option kept its default, or for a run
+    stored before the manifest recorded them."""
+    changed = manifest.get("changed_options") or {}
+    several = len(manifest.get("options") or changed) > 1
+    return " ".join(f"{metric + '.' if several else ''}{name}={value}"
+                    for metric, options in changed.items() if isinstance(options, dict)
+                    for name, value in options.items())
 
 
 def _describe(folder: Path) -> dict:
@@ -550,6 +580,15 @@ def latest_run(root: Path | str = DEFAULT_ROOT) -> str:
     if not complete:
         raise UserError(f"no complete run in {root}")
     return _newest_first(complete)[0]["run_id"]
+
+
+LATEST = "latest"
+
+
+def resolve_run_id(run_id: str, root: Path | str = DEFAULT_ROOT) -> str:
+    """`run_id` itself, or for "latest" the newest complete run's id; every command that
+    takes a run id accepts "latest"."""
+    return latest_run(root) if run_id == LATEST else run_id
 
 
 def load_latest(root: Path | str = DEFAULT_ROOT) -> tuple[str, dict, dict[str, pd.DataFrame], list[str]]:

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 
 from layerscope.analysis.metric import Metric, Tables
+from layerscope.analysis.plots import quoted_tokens
 from layerscope.probes.capture import Capture, ProbeSpec
 from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
@@ -166,8 +167,7 @@ def _summarize(tables: Tables) -> list[str]:
 
 
 def _display(tables: Tables) -> Tables:
-    return {name: table.assign(token=table["token"].map(repr)) if "token" in table else table
-            for name, table in tables.items()}
+    return {name: quoted_tokens(table) for name, table in tables.items()}
 
 
 METRIC = Metric("super-weights", "super weights (Yu et al.): the down-projection weight behind the massive activation, "

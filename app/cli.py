@@ -31,10 +31,33 @@ from pathlib import Path  # noqa: E402
 from layerscope.probes.errors import UserError  # noqa: E402
 
 EXIT_USER_ERROR = 2
+TABLE_ROWS = 40  # rows of a table printed for a person; `--format json` prints them all
+TERMINAL_COLUMNS = 100
+MAX_QUERY_ROWS = 100_000  # analysis.run_query.MAX_ROWS, without importing pandas for `--help`
+RUN_ID_HELP = "a run id (see `layerscope runs list`), or 'latest' for the newest complete run"
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that gives every option's default.  argparse's ArgumentDefaultsHelpFormatter
+    prints "(default: None)" for options whose default is a behaviour, and repeats a default
+    the text already states; here such options say their default in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        if action.default is False and action.nargs == 0:
+            return f"{text} (default off)"
+        if action.default == "":
+            return f"{text} (default: none)"
+        return f"{text} (default %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=_HelpWithDefaults, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
     def error(self, message):
         raise UserError(message)
 
@@ -70,14 +93,15 @@ def _add_corpus_args(parser: argparse.ArgumentParser, one_model: bool = True) ->
     if one_model:
         parser.add_argument("--model", default="smollm2-135m", help="zoo name, local HF directory or Hub id")
     parser.add_argument("--corpus", default=defaults.source,
-                        help="'stdlib' (default), a .txt or .jsonl file, or 'text:...' for literal text")
+                        help="'stdlib', a .txt or .jsonl file, or 'text:...' for literal text")
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="token budget")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per forward pass")
-    parser.add_argument("--backend", default="hooks", choices=["hooks", "transformer_lens", "nnsight"])
+    parser.add_argument("--backend", default="hooks", choices=["hooks", "transformer_lens", "nnsight"],
+                        help="how activations are read: plain torch hooks, TransformerLens or nnsight")
     add_placement_args(parser)
-    parser.add_argument("--format", default="table", choices=["table", "json"])
-    parser.add_argument("--runs-dir", default="runs", help="run store folder")
+    add_format_arg(parser)
+    add_runs_dir_arg(parser)
     parser.add_argument("--no-save", action="store_true", help="print only; do not write a run")
 
 
@@ -89,10 +113,24 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
                         help="weights and activations; statistics are summed in float32/float64 whatever this is "
                              "(default auto: the checkpoint's own on a GPU, float32 on the CPU)")
     parser.add_argument("--device-map", default=None, choices=["auto"],
-                        help="spread a model too big for one device over every visible device (needs accelerate)")
+                        help="spread a model too big for one device over every visible device (needs accelerate; "
+                             "default off: the whole model on --device)")
+    add_threads_arg(parser)
+    add_config_limit_arg(parser)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own choice)")
-    add_config_limit_arg(parser)
+
+
+def add_format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", default="table", choices=["table", "json"],
+                        help=f"table: for a person, long tables cut to {TABLE_ROWS} rows; json: every row")
+
+
+def add_runs_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-dir", default="runs", help="run store folder")
 
 
 MAX_CONFIG_PARAMS_FLAG = "--max-config-params"
@@ -130,11 +168,15 @@ def _config_limit(args):
             os.environ[MAX_CONFIG_PARAMS_ENV] = before
 
 
+def _check_threads(threads: int) -> None:
+    if not 1 <= threads <= (os.cpu_count() or 1) * 4:
+        raise UserError(f"--threads must be between 1 and {(os.cpu_count() or 1) * 4}, got {threads}")
+
+
 def set_threads(threads: int | None) -> None:
     if threads is None:
         return
-    if not 1 <= threads <= (os.cpu_count() or 1) * 4:
-        raise UserError(f"--threads must be between 1 and {(os.cpu_count() or 1) * 4}, got {threads}")
+    _check_threads(threads)
     import torch
 
     torch.set_num_threads(threads)
@@ -155,8 +197,7 @@ def _add_metric_options(parser: argparse.ArgumentParser, options_type: type) -> 
         else:
             kind = {"int": int, "float": float, "str": str}.get(type_name, str)
             default = None if f.default is MISSING else f.default
-            parser.add_argument(flag, type=kind, default=default,
-                                choices=f.metadata.get("choices"), help=f"{help_text} (default {default})")
+            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
 
 
 # Commands whose arguments come from the registry or the model code, which import torch:
@@ -176,11 +217,10 @@ def command_of(argv: list[str]) -> str:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command-line parser; with `command` given, the other heavy commands get a
     stand-in parser that only carries their help line."""
-    parser = _Parser(prog="layerscope", description="What does each layer of a transformer do?",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog="layerscope", description="What does each layer of a transformer do?")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     models = sub.add_parser("models", help="list the models the zoo can load")
-    models.add_argument("--format", default="table", choices=["table", "json"])
+    add_format_arg(models)
 
     full = {name for name in HEAVY_COMMANDS if command is None or command == name}
     for name in [name for name in ("analyze", "survey") if name not in full]:
@@ -197,47 +237,59 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if "survey" in full:
         survey = sub.add_parser("survey", help=HEAVY_COMMANDS["survey"])
         _add_corpus_args(survey)
-        survey.add_argument("--metrics", help="comma-separated subset (default: all)")
+        survey.add_argument("--metrics", help="comma-separated subset (default: every one that applies)")
 
     if "compare" in full:
         compare = sub.add_parser("compare", help=HEAVY_COMMANDS["compare"])
         compare.add_argument("--models", default=",".join(COMPARED_MODELS),
                              help=f"comma-separated models (default: {','.join(COMPARED_MODELS)})")
         _add_corpus_args(compare, one_model=False)
-        compare.add_argument("-o", "--output", help="also write the figure and tables as one HTML page here")
+        compare.add_argument("-o", "--output", help="also write the figure and tables as one HTML page here "
+                                                    "(default: none written)")
     else:
         sub.add_parser("compare", help=HEAVY_COMMANDS["compare"])
 
-    runs = sub.add_parser("runs", help="list, show, remove or export stored runs")
+    runs = sub.add_parser("runs", help="list, show, remove, export or query stored runs")
     # One parser per action, so that options may come before the run id (`rm --force ID`).
     actions = runs.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    for action, action_help in (("list", "every run with its status"), ("show", "a run's manifest and tables"),
+    for action, action_help in (("list", "every run with its status, corpus, tokens and the options it changed"),
+                                ("show", "a run's manifest and tables"),
                                 ("rm", "remove a run, or the leftovers of an interrupted one"),
-                                ("export", "copy a run out as CSV tables and its manifest")):
+                                ("export", "copy a run out as CSV tables and its manifest"),
+                                ("query", "SQL (DuckDB) over the tables of every complete run")):
         parser_ = actions.add_parser(action, help=action_help)
-        if action != "list":
-            parser_.add_argument("run_id", nargs="?")
-        parser_.add_argument("--runs-dir", default="runs", help="run store folder")
-        parser_.add_argument("--format", default="table", choices=["table", "json"])
+        if action == "query":
+            parser_.add_argument("sql", help="one SELECT; each table name (block_influence, residual_stats, ...) "
+                                             "is a view over every complete run with run_id, model and corpus "
+                                             "columns, and `runs` lists the runs")
+            parser_.add_argument("--max-rows", type=int, default=MAX_QUERY_ROWS,
+                                 help=f"most rows fetched, 1 to {MAX_QUERY_ROWS}")
+        elif action != "list":
+            parser_.add_argument("run_id", nargs="?", help=RUN_ID_HELP)
+        add_runs_dir_arg(parser_)
+        add_format_arg(parser_)
         if action == "export":
-            parser_.add_argument("-o", "--output", help="export target folder (new or empty)")
+            parser_.add_argument("-o", "--output", help="export target folder, new or empty (default RUN_ID-export)")
         if action == "rm":
             parser_.add_argument("--force", action="store_true",
                                  help="remove a run even if it lists as running (its writer's lock or "
                                       "heartbeat says it lives, say on another machine that is gone)")
+            parser_.add_argument("-y", "--yes", action="store_true",
+                                 help="remove without asking; needed when stdin is not a terminal")
 
     report = sub.add_parser("report", help="write a self-contained HTML report of a run (opens offline)")
-    report.add_argument("run_id", help="a run id, or 'latest' for the newest complete run")
+    report.add_argument("run_id", help=RUN_ID_HELP)
     report.add_argument("-o", "--output", help="HTML file to write (default RUN_ID.html)")
-    report.add_argument("--runs-dir", default="runs", help="run store folder")
+    add_runs_dir_arg(report)
 
     app = sub.add_parser("app", help="start the Streamlit app")
-    app.add_argument("--runs-dir", default="runs", help="run store folder")
+    add_runs_dir_arg(app)
     app.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
                      help="a folder whose models and corpus files the app may read; repeatable "
                           "(default: the working directory and the model cache)")
     app.add_argument("--port", type=int, default=8501, help="TCP port, 1 to 65535 (default 8501)")
     app.add_argument("--address", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    add_threads_arg(app)
     add_config_limit_arg(app)
 
     if "ln-removal" in full:
@@ -249,7 +301,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _print_tables(tables: dict, fmt: str, run_path: Path | None) -> None:
+def _print_tables(tables: dict, fmt: str, run_path: Path | None, quote_tokens: bool = False) -> None:
+    """Tables as JSON (every row), or for a person: each cut to `TABLE_ROWS` rows with a
+    pointer to `--format json`.  `quote_tokens` quotes token texts in a table as stored; a
+    measurement's `display` tables quote their own."""
     import pandas as pd
 
     if fmt == "json":
@@ -258,11 +313,17 @@ def _print_tables(tables: dict, fmt: str, run_path: Path | None) -> None:
             payload["run"] = str(run_path)
         print(json.dumps(payload))
         return
-    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_columns", 30,
+    if quote_tokens:
+        from layerscope.analysis.plots import quoted_tokens
+
+        tables = {name: quoted_tokens(table) for name, table in tables.items()}
+    with pd.option_context("display.max_rows", TABLE_ROWS + 1, "display.width", 200, "display.max_columns", 30,
                            "display.float_format", "{:.4g}".format):
         for name, table in tables.items():
             print(f"\n{name}")
-            print(table.to_string(index=False))
+            print(table.head(TABLE_ROWS).to_string(index=False))
+            if len(table) > TABLE_ROWS:
+                print(f"... {len(table) - TABLE_ROWS} more rows ({len(table)} in all); `--format json` prints every row")
     if run_path:
         print(f"\nsaved run: {run_path}")
 
@@ -393,22 +454,75 @@ def cmd_compare(args) -> int:
 
 
 def cmd_models(args) -> int:
-    import pandas as pd
-
-    from layerscope.probes.zoo import list_models
+    from layerscope.app.zoo_catalogue import list_models
 
     rows = list_models()
     if args.format == "json":
         print(json.dumps(rows))
     else:
-        print(pd.DataFrame(rows).to_string(index=False))
+        print("\n".join(_aligned(["model", "kind", "description"],
+                                 [[row["model"], row["kind"], row["description"]] for row in rows])))
     return 0
 
 
-def cmd_runs(args) -> int:
-    import pandas as pd
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Rows as left-aligned columns under a header, two spaces apart, without pandas."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
 
-    from layerscope.analysis.store import export_run, list_runs, load_run, remove_run
+
+def _cut(text: str, width: int, keep_end: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    return "\u2026" + text[len(text) - width + 1:] if keep_end else text[:width - 1] + "\u2026"
+
+
+def _runs_table(rows: list[dict]) -> list[str]:
+    """`runs list` for a person, within `TERMINAL_COLUMNS`: one line per run (id, status,
+    corpus, tokens as windows x tokens per window), then, indented, the options it set
+    away from their defaults, or what is wrong with it.  The newest `TABLE_ROWS` runs."""
+    shown = rows[-TABLE_ROWS:]
+    cells = []
+    for row in shown:
+        tokens = "-" if row.get("tokens") is None else str(row["tokens"])
+        if row.get("windows") and row.get("seq_len"):
+            tokens += f" ({row['windows']}x{row['seq_len']})"
+        cells.append([row["run_id"], row["status"], row.get("corpus") or "-", tokens])
+    header = ["run_id", "status", "corpus", "tokens"]
+    fixed = [max(len(cell[i]) for cell in [header, *cells]) for i in (0, 1, 3)]
+    corpus_width = max(8, TERMINAL_COLUMNS - sum(fixed) - 6)
+    cells = [[c[0], c[1], _cut(c[2], corpus_width, keep_end=True), c[3]] for c in cells]
+    lines = []
+    for row, line in zip(shown, _aligned(header, cells)[1:]):
+        lines.append(line)
+        detail = row.get("problem") or (f"options: {row['options']}" if row.get("options") else "")
+        if row.get("warnings"):
+            detail = f"{detail}; {row['warnings']} warning(s)" if detail else f"{row['warnings']} warning(s)"
+        if detail:
+            lines.append(_cut(f"    {detail}", TERMINAL_COLUMNS))
+    lines.insert(0, _aligned(header, cells)[0])
+    if len(rows) > len(shown):
+        lines.append(f"... {len(rows) - len(shown)} older runs left out ({len(rows)} in all); "
+                     "`--format json` lists every run")
+    return lines
+
+
+def _confirm_removal(run_id: str, root: Path, yes: bool) -> bool:
+    """Ask on the terminal before a run is removed for good; without a terminal, only `--yes` removes."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UserError(f"`runs rm` removes {run_id} for good; add --yes to confirm when stdin is not a terminal")
+    print(f"remove run {run_id} from {root} for good? [y/N] ", end="", file=sys.stderr, flush=True)
+    try:
+        answer = input()
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_runs(args) -> int:
+    from layerscope.analysis.store import LATEST, export_run, list_runs, remove_run, resolve_run_id
 
     root = Path(args.runs_dir)
     if args.action == "list":
@@ -416,40 +530,57 @@ def cmd_runs(args) -> int:
         if args.format == "json":
             print(json.dumps(rows))
         else:
-            shown = pd.DataFrame(rows).drop(columns=["key", "path"], errors="ignore")
-            print(shown.to_string(index=False) if rows else f"no runs in {root}")
+            print("\n".join(_runs_table(rows)) if rows else f"no runs in {root}")
+        return 0
+    if args.action == "query":
+        from layerscope.analysis.run_query import query_runs
+
+        frame, more = query_runs(args.sql, root, args.max_rows)
+        _print_tables({"query": frame}, args.format, None, quote_tokens=True)
+        if more:
+            print(f"layerscope: the query gives more than {args.max_rows} rows; only the first {args.max_rows} "
+                  "were fetched (--max-rows)", file=sys.stderr)
         return 0
     if not args.run_id:
-        raise UserError(f"`layerscope runs {args.action}` needs a run id")
+        raise UserError(f"`layerscope runs {args.action}` needs a run id (or {LATEST!r})")
     if args.action == "show":
-        manifest, tables = load_run(args.run_id, root)
+        run_id, manifest, tables = _load(args.run_id, root)
         if args.format == "json":
             print(json.dumps(manifest, default=str))
         else:
             print(json.dumps(manifest, indent=2, default=str))
-            _print_tables(tables, "table", None)
-    elif args.action == "rm":
-        for folder in remove_run(args.run_id, root, force=args.force):
+            _print_tables(tables, "table", None, quote_tokens=True)
+        return 0
+    run_id = resolve_run_id(args.run_id, root)
+    if args.action == "rm":
+        if not _confirm_removal(run_id, root, args.yes):
+            print(f"kept {run_id}", file=sys.stderr)
+            return 1
+        for folder in remove_run(run_id, root, force=args.force):
             print(f"removed {folder}")
     elif args.action == "export":
-        target = export_run(args.run_id, Path(args.output or f"{args.run_id}-export"), root)
-        print(f"exported {args.run_id} to {target}")
+        target = export_run(run_id, Path(args.output or f"{run_id}-export"), root)
+        print(f"exported {run_id} to {target}")
     return 0
+
+
+def _load(run_id: str, root: Path) -> tuple[str, dict, dict]:
+    """A run's id, manifest and tables; for "latest", the newest run that can be read, a
+    damaged newer one named on stderr and passed over."""
+    from layerscope.analysis.store import LATEST, load_latest, load_run
+
+    if run_id != LATEST:
+        return (run_id, *load_run(run_id, root))
+    run_id, manifest, tables, skipped = load_latest(root)
+    for reason in skipped:
+        print(f"layerscope: skipped: {reason}", file=sys.stderr)
+    return run_id, manifest, tables
 
 
 def cmd_report(args) -> int:
     from layerscope.analysis.report import save_report
-    from layerscope.analysis.store import load_latest, load_run
 
-    root = Path(args.runs_dir)
-    if args.run_id == "latest":
-        # The newest run that can be read: a damaged newer one is named and passed over.
-        run_id, manifest, tables, skipped = load_latest(root)
-        for reason in skipped:
-            print(f"layerscope: skipped: {reason}", file=sys.stderr)
-    else:
-        run_id = args.run_id
-        manifest, tables = load_run(run_id, root)
+    run_id, manifest, tables = _load(args.run_id, Path(args.runs_dir))
     output = Path(args.output or f"{run_id}.html")
     n_figures = save_report(manifest, tables, output)
     print(f"wrote {output}: report of {run_id}, {n_figures} figures, {output.stat().st_size / 1e6:.1f} MB, opens offline")
@@ -468,6 +599,11 @@ def cmd_app(args) -> int:
     if args.allow_dir and missing:
         raise UserError(f"--allow-dir folder(s) not found: {', '.join(missing)}")
     settings = AppSettings(Path(args.runs_dir).resolve(), allowed)
+    # The server imports torch later; it takes its thread count from the environment.
+    threads = {}
+    if args.threads is not None:
+        _check_threads(args.threads)
+        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     app_file = Path(__file__).with_name("streamlit_app.py")
     command = [sys.executable, "-m", "streamlit", "run", str(app_file), "--server.port", str(args.port),
                "--server.address", args.address, "--server.headless", "true",
@@ -475,7 +611,7 @@ def cmd_app(args) -> int:
     print(f"layerscope app on http://{args.address}:{args.port} (runs in {settings.runs_dir}); Ctrl-C stops it",
           file=sys.stderr)
     sys.stderr.flush()
-    os.execve(sys.executable, command, {**os.environ, **settings.to_env()})
+    os.execve(sys.executable, command, {**os.environ, **settings.to_env(), **threads})
 
 
 def cmd_ln_removal(args) -> int:

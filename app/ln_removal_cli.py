@@ -16,7 +16,7 @@ from layerscope.probes.errors import UserError
 
 
 def add_ln_removal_parser(sub) -> None:
-    from layerscope.app.cli import _add_metric_options, add_placement_args
+    from layerscope.app.cli import _add_metric_options, add_format_arg, add_placement_args, add_runs_dir_arg
     from layerscope.probes.ln_removal import RemovalConfig, RemovalData
 
     parser = sub.add_parser(
@@ -37,8 +37,8 @@ def add_ln_removal_parser(sub) -> None:
     parser.add_argument("--output", help="norm-free model folder, outside the run store "
                                          "(default ln-removal/<model>-norm-free/ beside --runs-dir)")
     parser.add_argument("--no-control", action="store_true", help="skip the vanilla fine-tune and the no-fine-tune control")
-    parser.add_argument("--format", default="table", choices=["table", "json"])
-    parser.add_argument("--runs-dir", default="runs", help="run store folder")
+    add_format_arg(parser)
+    add_runs_dir_arg(parser)
     parser.add_argument("--no-save", action="store_true", help="do not write a run (the model is still saved)")
 
 
