@@ -654,19 +654,16 @@ def _remove_tree(path: Path) -> None:
         raise UserError(f"could not remove {path}: {err.strerror or err}") from None
 
 
-def remove_run(run_id: str, root: Path | str = DEFAULT_ROOT, force: bool = False) -> list[Path]:
-    """Delete a run, or the staging leftovers of an interrupted one.  A run still being
-    written is refused unless `force`; a run folder that is a symlink is unlinked and
-    what it points at is left alone."""
+def removal_targets(run_id: str, root: Path | str = DEFAULT_ROOT, force: bool = False) -> list[Path]:
+    """What `remove_run` would delete, or the `UserError` it would raise, deleting nothing:
+    so that a person is asked only about something that can be removed."""
     root = _check_root(root)
     folder = root / _check_run_id(run_id)
     if folder.is_symlink():
-        _remove_tree(folder)
         return [folder]
     if folder.is_dir():
         if not _is_run_folder(folder):
             raise _not_a_run(folder)
-        _remove_tree(folder)
         return [folder]
     leftovers = [row for row in list_runs(root) if row["run_id"] == run_id and row["path"] != str(folder)]
     running = [row for row in leftovers if row["status"] == "running"]
@@ -675,9 +672,17 @@ def remove_run(run_id: str, root: Path | str = DEFAULT_ROOT, force: bool = False
                         f"if that process is gone, remove it with `layerscope runs rm --force {run_id}`")
     if not leftovers:
         raise UserError(f"run {run_id!r} not found in {root}")
-    for row in leftovers:
-        _remove_tree(Path(row["path"]))
     return [Path(row["path"]) for row in leftovers]
+
+
+def remove_run(run_id: str, root: Path | str = DEFAULT_ROOT, force: bool = False) -> list[Path]:
+    """Delete a run, or the staging leftovers of an interrupted one.  A run still being
+    written is refused unless `force`; a run folder that is a symlink is unlinked and
+    what it points at is left alone."""
+    targets = removal_targets(run_id, root, force)
+    for path in targets:
+        _remove_tree(path)
+    return targets
 
 
 def export_run(run_id: str, target: Path, root: Path | str = DEFAULT_ROOT) -> Path:

@@ -40,16 +40,16 @@ EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by SIGPIPE
 
 class _HelpWithDefaults(argparse.HelpFormatter):
     """Help that gives every option's default.  argparse's ArgumentDefaultsHelpFormatter
-    prints "(default: None)" for options whose default is a behaviour, and repeats a default
-    the text already states; here such options say their default in words."""
+    prints "(default: None)" and repeats a default the text already states; here an option
+    whose default is a behaviour says so in its own text."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if not action.option_strings or "default" in text or action.default in (None, argparse.SUPPRESS):
+        if not action.option_strings or "default" in text or action.default is argparse.SUPPRESS:
             return text
         if action.default is False and action.nargs == 0:
             return f"{text} (default off)"
-        if action.default == "":
+        if action.default in (None, ""):
             return f"{text} (default: none)"
         return f"{text} (default %(default)s)"
 
@@ -522,7 +522,8 @@ def _confirm_removal(run_id: str, root: Path, yes: bool) -> bool:
 
 
 def cmd_runs(args) -> int:
-    from layerscope.analysis.store import LATEST, export_run, list_runs, remove_run, resolve_run_id
+    from layerscope.analysis.store import (LATEST, export_run, list_runs, removal_targets, remove_run,
+                                           resolve_run_id)
 
     root = Path(args.runs_dir)
     if args.action == "list":
@@ -553,6 +554,7 @@ def cmd_runs(args) -> int:
         return 0
     run_id = resolve_run_id(args.run_id, root)
     if args.action == "rm":
+        removal_targets(run_id, root, force=args.force)  # a run that cannot be removed is an error, not a question
         if not _confirm_removal(run_id, root, args.yes):
             print(f"kept {run_id}", file=sys.stderr)
             return 1

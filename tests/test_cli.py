@@ -88,3 +88,108 @@ def test_every_help_page_renders(capsys, argv):
         main(argv)
     assert stopped.value.code == 0
     assert "usage: layerscope" in capsys.readouterr().out
+
+
+NO_TORCH = """
+import sys
+from layerscope.app.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(name for name in ("torch", "transformers", "transformer_lens", "nnsight") if name in sys.modules)
+print("HEAVY", code, heavy)
+"""
+
+
+@pytest.mark.parametrize("argv", [["models"], ["runs", "list"], ["runs", "list", "--format", "json"]])
+def test_models_and_runs_list_do_not_import_torch(tmp_path, argv):
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, *argv, *(["--runs-dir", str(tmp_path)] if "runs" in argv
+                                                                      else [])],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY 0 []", result.stdout + result.stderr
+
+
+def test_help_does_not_import_torch():
+    code = NO_TORCH.replace("code = main(sys.argv[1:])", "try:\n    main(['--help'])\nexcept SystemExit as e:\n"
+                                                          "    code = e.code")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY 0 []"
+
+
+def test_the_torch_free_model_list_is_the_zoos():
+    from layerscope.app.zoo_catalogue import list_models
+    from layerscope.probes.zoo import list_models as zoo_models
+
+    assert list_models() == zoo_models()
+
+
+def test_models_table(capsys):
+    code, out, _ = _run(capsys, "models")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["model", "kind", "description"]
+    assert any(line.split()[:2] == ["tiny-llama", "tiny"] for line in lines)
+
+
+def _option_help(argv: list[str], capsys) -> dict[str, str]:
+    """Each option's help text on the help page of `argv`, joined into one line."""
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    blocks, current = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    blocks.pop("-h", None)
+    return blocks
+
+
+HELP_PAGES = ([[], ["models"], ["survey"], ["compare"], ["runs", "list"], ["runs", "show"], ["runs", "rm"],
+               ["runs", "export"], ["runs", "query"], ["report"], ["app"], ["ln-removal"]]
+              + [["analyze", name] for name in __import__("layerscope.analysis.registry", fromlist=["METRICS"]).METRICS])
+
+
+@pytest.mark.parametrize("argv", HELP_PAGES, ids=" ".join)
+def test_every_help_line_gives_its_default(capsys, argv):
+    options = _option_help(argv, capsys)
+    assert argv == [] or options, "a page with no options parsed means the parsing broke"
+    missing = {flag: text for flag, text in options.items() if "default" not in text}
+    assert not missing
+    assert not [text for text in options.values() if "(default None)" in text or "(default )" in text]
+
+
+def test_help_defaults_are_the_parsers_defaults(capsys):
+    options = _option_help(["analyze", "layer-skip"], capsys)
+    assert options["--seq-len"].endswith("(default 128)") and options["--part"].endswith("(default block)")
+    assert options["--no-save"].endswith("(default off)") and "(default table)" in options["--format"]
+
+
+@pytest.mark.parametrize("argv", [["analyze", "residual-stats"], ["survey"], ["compare"], ["ln-removal"], ["app"]])
+def test_every_verb_that_loads_a_model_takes_threads(capsys, argv):
+    assert "--threads" in _option_help(argv, capsys)
+
+
+def test_app_passes_threads_to_the_server(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("os.execve", lambda path, command, env: seen.update(env))
+    main(["app", "--threads", "3", "--runs-dir", str(tmp_path)])
+    assert seen["OMP_NUM_THREADS"] == "3"
+    assert main(["app", "--threads", "0"]) == 2
+
+
+def test_printed_tables_quote_token_texts():
+    import pandas as pd
+
+    from layerscope.analysis.registry import METRICS
+
+    grid = pd.DataFrame({"layer": [0, 0], "input_token": [" the", "\n"], "next_token": ["the", "\t"],
+                         "top_token": [" ", "a"], "top_prob": [0.5, 0.25]})
+    shown = METRICS["logit-lens"].display({"lens_grid": grid})["lens_grid"]
+    assert shown["input_token"].tolist() == ['"\u2423the"', '"\u21b5"']
+    assert shown["next_token"].tolist() == ['"the"', '"\u2192"'] and shown["top_token"].tolist() == ['"\u2423"', '"a"']
+    assert shown["top_prob"].tolist() == [0.5, 0.25]
+    massive = pd.DataFrame({"layer": [1], "dim": [3], "token_id": [5], "token": [" x"], "massive": [True]})
+    tables = {"massive_top": massive, "massive_dims": massive, "massive_persistence": pd.DataFrame()}
+    quoted = [t["token"].tolist() for t in METRICS["massive"].display(tables).values() if "token" in t]
+    assert quoted == [['"\u2423x"'], ['"\u2423x"']]

@@ -230,7 +230,7 @@ def test_runs_rm_on_a_symlinked_run_removes_the_link_only(capsys, toy_run, tmp_p
     elsewhere = tmp_path / "elsewhere"
     shutil.move(runs / run_id, elsewhere)
     (runs / run_id).symlink_to(elsewhere, target_is_directory=True)
-    code, out, err = cli_run(capsys, "runs", "rm", run_id, "--runs-dir", runs)
+    code, out, err = cli_run(capsys, "runs", "rm", run_id, "--yes", "--runs-dir", runs)
     assert code == 0, err
     assert not (runs / run_id).exists() and (elsewhere / "manifest.json").is_file()
 

@@ -301,7 +301,7 @@ def _staging(runs: Path, owner: dict, age: float = 0.0) -> Path:
 def test_another_hosts_lease_runs_out_without_a_heartbeat(capsys, runs):
     folder = _staging(runs, {"pid": 1, "host": "some-other-host"}, age=store.LEASE_SECONDS + 5)
     assert [r["status"] for r in list_runs(runs)] == ["interrupted"]
-    code, out, _ = cli(capsys, "runs", "rm", "20260101-000000-toy-m-abcdef", "--runs-dir", runs)
+    code, out, _ = cli(capsys, "runs", "rm", "--yes", "20260101-000000-toy-m-abcdef", "--runs-dir", runs)
     assert code == 0 and not folder.exists()
 
 
@@ -311,7 +311,7 @@ def test_a_live_looking_lease_is_refused_unless_forced(capsys, runs):
     one_line_error(*cli(capsys, "runs", "rm", "20260101-000000-toy-m-abcdef", "--runs-dir", runs)[::2],
                    "still being written", "--force")
     assert folder.exists()
-    code, out, _ = cli(capsys, "runs", "rm", "--force", "20260101-000000-toy-m-abcdef", "--runs-dir", runs)
+    code, out, _ = cli(capsys, "runs", "rm", "--force", "--yes", "20260101-000000-toy-m-abcdef", "--runs-dir", runs)
     assert code == 0 and not folder.exists()
 
 

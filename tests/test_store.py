@@ -185,9 +185,9 @@ def test_runs_cli_lists_shows_exports_and_removes(capsys, tmp_path):
     assert code == 0 and (tmp_path / "exported" / "toy.csv").exists()
     code, _, err = _cli(capsys, "runs", "show", "crashed-run", "--runs-dir", str(root))
     assert code == 2 and "is interrupted, not complete" in err and err.count("\n") == 1
-    code, _, _ = _cli(capsys, "runs", "rm", "crashed-run", "--runs-dir", str(root))
+    code, _, _ = _cli(capsys, "runs", "rm", "crashed-run", "--runs-dir", str(root), "--yes")
     assert code == 0
-    code, _, _ = _cli(capsys, "runs", "rm", run_id, "--runs-dir", str(root))
+    code, _, _ = _cli(capsys, "runs", "rm", run_id, "--runs-dir", str(root), "--yes")
     assert code == 0 and list(root.iterdir()) == []
 
 
@@ -196,7 +196,108 @@ def test_runs_cli_lists_shows_exports_and_removes(capsys, tmp_path):
     (["runs", "rm", "../../etc"], "is not a run id"),
     (["runs", "show"], "needs a run id"),
     (["report", "no-such-run"], "run 'no-such-run' not found"),
+    (["report", "latest"], "no readable complete run"),
+    (["runs", "show", "latest"], "no readable complete run"),
+    (["runs", "export", "latest"], "no complete run"),
+    (["runs", "rm", "latest", "--yes"], "no complete run"),
 ])
 def test_runs_and_report_errors_are_one_line(capsys, tmp_path, argv, message):
     code, _, err = _cli(capsys, *argv, "--runs-dir", str(tmp_path))
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _two_runs(root):
+    old = save_run({"toy": _table()}, {**MANIFEST, "created": "x"}, root).name
+    new = save_run({"toy": _table(5)}, MANIFEST, root).name
+    return old, new
+
+
+def test_latest_is_accepted_wherever_a_run_id_is(capsys, tmp_path):
+    root = tmp_path / "runs"
+    old, new = _two_runs(root)
+    code, out, _ = _cli(capsys, "runs", "show", "latest", "--runs-dir", str(root), "--format", "json")
+    assert code == 0 and json.loads(out)["run_id"] == new
+    code, out, _ = _cli(capsys, "runs", "export", "latest", "-o", str(tmp_path / "out"), "--runs-dir", str(root))
+    assert code == 0 and len(pd.read_csv(tmp_path / "out" / "toy.csv")) == 5
+    code, _, _ = _cli(capsys, "runs", "rm", "latest", "--yes", "--runs-dir", str(root))
+    assert code == 0 and [p.name for p in root.iterdir()] == [old]
+
+
+class _Terminal:
+    """A stdin that is a terminal on which the person types `answer`."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def isatty(self):
+        return True
+
+    def readline(self):
+        return self.answer
+
+
+@pytest.mark.parametrize("answer, removed", [("y\n", True), ("yes\n", True), ("n\n", False), ("\n", False),
+                                             ("", False)])
+def test_rm_asks_on_a_terminal(capsys, monkeypatch, tmp_path, answer, removed):
+    run_id = save_run({"toy": _table()}, MANIFEST, tmp_path).name
+    monkeypatch.setattr("sys.stdin", _Terminal(answer))
+    code, _, err = _cli(capsys, "runs", "rm", run_id, "--runs-dir", str(tmp_path))
+    assert f"remove run {run_id}" in err and "[y/N]" in err
+    assert (code, (tmp_path / run_id).exists()) == ((0, False) if removed else (1, True))
+
+
+def test_rm_without_a_terminal_needs_yes(capsys, monkeypatch, tmp_path):
+    run_id = save_run({"toy": _table()}, MANIFEST, tmp_path).name
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("y\n"))
+    code, out, err = _cli(capsys, "runs", "rm", run_id, "--runs-dir", str(tmp_path))
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--yes" in err
+    assert (tmp_path / run_id).is_dir()
+
+
+def test_runs_list_shows_corpus_tokens_and_changed_options_in_100_columns(capsys, tmp_path):
+    from layerscope.analysis.layer_skip import LayerSkipOptions
+    from layerscope.analysis.runner import changed_options
+
+    corpus = {"source": "/data/a/very/long/folder/name/of/a/corpus/file/wikitext-103-train.jsonl", "tokens": 4096,
+              "windows": 32, "seq_len": 128}
+    ids = []
+    for options in (LayerSkipOptions(), LayerSkipOptions(part="attn", layers="1,2")):
+        manifest = {"metric": "layer-skip", "model": {"model": "smollm2-135m"}, "corpus": corpus,
+                    "options": {"layer-skip": {}}, "changed_options": {"layer-skip": changed_options(options)}}
+        ids.append(save_run({"toy": _table()}, manifest, tmp_path, run_id=f"20261123-120000-norm-sensitivity-"
+                            f"smollm2-135m-{len(ids)}abcde").name)
+    code, out, _ = _cli(capsys, "runs", "list", "--runs-dir", str(tmp_path))
+    lines = out.splitlines()
+    assert code == 0 and max(len(line) for line in lines) <= 100, out
+    assert lines[0].split() == ["run_id", "status", "corpus", "tokens"]
+    first, second = (lines.index(line) for line in lines if line.startswith(tuple(ids)))
+    cells = lines[first].split()
+    assert cells[3:] == ["4096", "(32x128)"] and cells[1] == "complete"
+    assert cells[2].startswith("\u2026") and corpus["source"].endswith(cells[2][1:]) and len(cells[2]) > 12
+    assert lines[second + 1].strip() == "options: part=attn layers=1,2", "two runs of one measurement differ"
+    assert second == first + 1, "a run with default options has no options line"
+    code, out, _ = _cli(capsys, "runs", "list", "--runs-dir", str(tmp_path), "--format", "json")
+    rows = {row["run_id"]: row for row in json.loads(out)}
+    assert rows[ids[1]]["options"] == "part=attn layers=1,2" and rows[ids[0]]["options"] == ""
+    assert (rows[ids[0]]["corpus"], rows[ids[0]]["tokens"], rows[ids[0]]["seq_len"]) == (corpus["source"], 4096, 128)
+
+
+def test_runs_list_cuts_to_the_newest_runs(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("layerscope.app.cli.TABLE_ROWS", 3)
+    ids = [save_run({"toy": _table()}, MANIFEST, tmp_path, run_id=f"2026-run-{i}").name for i in range(5)]
+    code, out, _ = _cli(capsys, "runs", "list", "--runs-dir", str(tmp_path))
+    shown = [line.split()[0] for line in out.splitlines()[1:-1]]
+    assert shown == ids[2:] and out.splitlines()[-1] == ("... 2 older runs left out (5 in all); "
+                                                         "`--format json` lists every run")
+
+
+def test_runs_show_quotes_tokens_and_cuts_long_tables(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("layerscope.app.cli.TABLE_ROWS", 4)
+    tokens = pd.DataFrame({"position": range(6), "token": [" the", "the", "\n", " ", "a", "b"],
+                           "top_token": ["x"] * 6, "token_id": range(6)})
+    run_id = save_run({"tokens": tokens}, MANIFEST, tmp_path).name
+    code, out, _ = _cli(capsys, "runs", "show", run_id, "--runs-dir", str(tmp_path))
+    rows = [line.split() for line in out.split("\ntokens\n")[1].splitlines()[1:5]]
+    assert rows == [["0", '"\u2423the"', '"x"', "0"], ["1", '"the"', '"x"', "1"], ["2", '"\u21b5"', '"x"', "2"],
+                    ["3", '"\u2423"', '"x"', "3"]]
+    assert "... 2 more rows (6 in all); `--format json` prints every row" in out
