@@ -39,12 +39,13 @@ import time
 import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
-
-import pandas as pd
+from typing import TYPE_CHECKING, Iterator
 
 from layerscope.probes.errors import UserError
 from layerscope.probes.files import JSONFileError, _umask, publish_dir, read_json_capped, safe_name, sync_dir
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 try:
     import fcntl
@@ -611,6 +612,8 @@ def _read_table(folder: Path, name: str, recorded: str) -> pd.DataFrame:
         data = handle.read()
     if sha256_bytes(data) != recorded:
         raise ValueError(f"table {name} does not match its recorded sha256 (truncated or damaged)")
+    import pandas as pd  # here, so that listing runs does not pay for importing pandas
+
     return pd.read_parquet(io.BytesIO(data))
 
 
