@@ -321,6 +321,9 @@ def _print_tables(tables: dict, fmt: str, run_path: Path | None, quote_tokens: b
                            "display.float_format", "{:.4g}".format):
         for name, table in tables.items():
             print(f"\n{name}")
+            if table.empty:
+                print(f"no rows (columns: {', '.join(map(str, table.columns))})")
+                continue
             print(table.head(TABLE_ROWS).to_string(index=False))
             if len(table) > TABLE_ROWS:
                 print(f"... {len(table) - TABLE_ROWS} more rows ({len(table)} in all); `--format json` prints every row")

@@ -108,3 +108,10 @@ def test_an_empty_store_has_only_the_runs_view(capsys, tmp_path):
     code, out, _ = _cli(capsys, "runs", "query", "SELECT count(*) AS n FROM runs", "--runs-dir", str(tmp_path),
                         "--format", "json")
     assert code == 0 and json.loads(out)["query"] == [{"n": 0}]
+
+
+def test_an_empty_result_names_its_columns(capsys, store):
+    root, _, _ = store
+    code, out, _ = _cli(capsys, "runs", "query", "SELECT model, layer FROM block_influence WHERE layer > 99",
+                        "--runs-dir", str(root))
+    assert code == 0 and out.strip().splitlines() == ["query", "no rows (columns: model, layer)"]
