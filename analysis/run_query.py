@@ -24,7 +24,8 @@ from layerscope.probes.errors import UserError
 RUN_COLUMNS = ("run_id", "model", "corpus")
 LISTED = ("run_id", "metric", "model", "created", "corpus", "tokens", "windows", "seq_len", "options")
 MAX_ROWS = 100_000
-_FILE = "__layerscope_file"
+_FILE = "__layerscope_file"  # the column naming each row's Parquet file
+_FILES = "__layerscope_files"  # the table from a Parquet file to its run
 
 
 def _identifier(name: str) -> str:
@@ -48,24 +49,30 @@ def _connect(files: list[str]):
 
 
 def _create_views(con, runs: list[dict]) -> list[str]:
-    """One view per table name over every complete run that holds it; the view names."""
-    con.execute("CREATE TEMP TABLE runs_by_file (file VARCHAR, run_id VARCHAR, model VARCHAR, corpus VARCHAR)")
+    """The `runs` table, and one view per table name over every complete run that holds it;
+    the view names."""
+    files = pd.DataFrame([(path, run["run_id"], run["model"], run["corpus"]) for run in runs
+                          for path in run["files"].values()], columns=["file", *RUN_COLUMNS], dtype=object)
+    listed = pd.DataFrame([{k: run.get(k) for k in LISTED} for run in runs], columns=list(LISTED))
+    for table, frame in ((_FILES, files), ("runs", listed)):
+        con.register("frame", frame)
+        con.execute(f"CREATE TEMP TABLE {_identifier(table)} AS SELECT * FROM frame")
+        con.unregister("frame")
     by_table: dict[str, list[str]] = {}
     for run in runs:
         for name, path in run["files"].items():
             by_table.setdefault(name, []).append(path)
-            con.execute("INSERT INTO runs_by_file VALUES (?, ?, ?, ?)", [path, run["run_id"], run["model"], run["corpus"]])
-    con.execute("CREATE TEMP TABLE runs AS SELECT * FROM runs_listing")
-    for name, paths in sorted(by_table.items()):
-        source = (f"read_parquet([{', '.join(_literal(p) for p in paths)}], union_by_name = true, "
+    names = sorted(name for name in by_table if name not in ("runs", _FILES))
+    for name in names:
+        source = (f"read_parquet([{', '.join(_literal(p) for p in by_table[name])}], union_by_name = true, "
                   f"filename = {_literal(_FILE)})")
         own = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
         renamed = [f"{_identifier(c)} AS {_identifier('table_' + c)}" for c in RUN_COLUMNS if c in own]
         rename = f" RENAME ({', '.join(renamed)})" if renamed else ""
         con.execute(f"CREATE TEMP VIEW {_identifier(name)} AS SELECT r.run_id, r.model, r.corpus, "
                     f"t.* EXCLUDE ({_identifier(_FILE)}){rename} FROM {source} t "
-                    f"JOIN runs_by_file r ON t.{_identifier(_FILE)} = r.file")
-    return sorted(by_table)
+                    f"JOIN {_FILES} r ON t.{_identifier(_FILE)} = r.file")
+    return names
 
 
 def query_runs(sql: str, root: Path | str = DEFAULT_ROOT, max_rows: int = MAX_ROWS) -> tuple[pd.DataFrame, bool]:
@@ -81,19 +88,20 @@ def query_runs(sql: str, root: Path | str = DEFAULT_ROOT, max_rows: int = MAX_RO
         raise UserError(f"bad SQL: {_first_line(err)}") from None
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         raise UserError("`runs query` runs one SELECT statement (a WITH ... SELECT included), nothing else")
-    listing = [row for row in list_runs(root) if row["status"] == COMPLETE]
     runs = []
-    for row in listing:
+    for row in list_runs(root):
+        if row["status"] != COMPLETE:
+            continue
         folder = Path(row["path"]).resolve()
         # The tables the manifest lists, whose sha256 the listing checked; any other file is not read.
         tables = read_manifest(folder)["tables"]
         runs.append({**row, "files": {name: str(folder / f"{name}.parquet") for name in tables}})
-    runs_listing = pd.DataFrame([{k: row.get(k) for k in LISTED} for row in listing], columns=list(LISTED))
     con = _connect([path for run in runs for path in run["files"].values()])
     try:
-        con.register("runs_listing", runs_listing)
-        names = _create_views(con, runs)
-        con.unregister("runs_listing")
+        try:
+            names = _create_views(con, runs)
+        except duckdb.Error as err:
+            raise UserError(f"the stored tables cannot be joined into views: {_first_line(err)}") from None
         try:
             frame = con.sql(sql).limit(max_rows + 1).df()
         except duckdb.Error as err:

@@ -495,15 +495,15 @@ def _runs_table(rows: list[dict]) -> list[str]:
     fixed = [max(len(cell[i]) for cell in [header, *cells]) for i in (0, 1, 3)]
     corpus_width = max(8, TERMINAL_COLUMNS - sum(fixed) - 6)
     cells = [[c[0], c[1], _cut(c[2], corpus_width, keep_end=True), c[3]] for c in cells]
-    lines = []
-    for row, line in zip(shown, _aligned(header, cells)[1:]):
+    aligned = _aligned(header, cells)
+    lines = aligned[:1]
+    for row, line in zip(shown, aligned[1:]):
         lines.append(line)
         detail = row.get("problem") or (f"options: {row['options']}" if row.get("options") else "")
         if row.get("warnings"):
             detail = f"{detail}; {row['warnings']} warning(s)" if detail else f"{row['warnings']} warning(s)"
         if detail:
             lines.append(_cut(f"    {detail}", TERMINAL_COLUMNS))
-    lines.insert(0, _aligned(header, cells)[0])
     if len(rows) > len(shown):
         lines.append(f"... {len(rows) - len(shown)} older runs left out ({len(rows)} in all); "
                      "`--format json` lists every run")
@@ -548,7 +548,7 @@ def cmd_runs(args) -> int:
     if not args.run_id:
         raise UserError(f"`layerscope runs {args.action}` needs a run id (or {LATEST!r})")
     if args.action == "show":
-        run_id, manifest, tables = _load(args.run_id, root)
+        _, manifest, tables = _load(args.run_id, root)
         if args.format == "json":
             print(json.dumps(manifest, default=str))
         else:

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from layerscope.analysis.store import list_runs, save_run
-from layerscope.app.cli import TABLE_ROWS, main
+from layerscope.analysis.run_query import MAX_ROWS
+from layerscope.app.cli import MAX_QUERY_ROWS, TABLE_ROWS, main
 
 
 def _manifest(model, corpus="stdlib", metric="block-influence"):
@@ -102,6 +103,7 @@ def test_rows_are_capped_and_long_tables_cut(capsys, tmp_path):
     assert lines[-1] == f"... 25 more rows ({n} in all); `--format json` prints every row"
     code, _, err = _cli(capsys, "runs", "query", sql, "--runs-dir", str(tmp_path), "--max-rows", "0")
     assert code == 2 and "--max-rows must be between 1 and" in err
+    assert MAX_QUERY_ROWS == MAX_ROWS, "the CLI's default is the query's cap"
 
 
 def test_an_empty_store_has_only_the_runs_view(capsys, tmp_path):
