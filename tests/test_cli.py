@@ -193,3 +193,12 @@ def test_printed_tables_quote_token_texts():
     tables = {"massive_top": massive, "massive_dims": massive, "massive_persistence": pd.DataFrame()}
     quoted = [t["token"].tolist() for t in METRICS["massive"].display(tables).values() if "token" in t]
     assert quoted == [['"\u2423x"'], ['"\u2423x"']]
+
+
+def test_a_measured_run_lists_the_options_it_changed(capsys, tmp_path):
+    small = ["--model", "tiny-llama", "--max-tokens", "64", "--seq-len", "16", "--runs-dir", str(tmp_path)]
+    assert _run(capsys, "analyze", "layer-skip", "--part", "attn", "--layers", "1", *small)[0] == 0
+    code, out, _ = _run(capsys, "runs", "list", "--runs-dir", str(tmp_path))
+    lines = out.splitlines()
+    assert code == 0 and lines[1].split()[1:] == ["complete", "stdlib", "64", "(4x16)"]
+    assert lines[2].strip() == "options: part=attn layers=1"
