@@ -254,6 +254,16 @@ def test_prune_curve_without_a_held_out_part_says_so(tiny_models):
         PRUNE_CURVE(loaded, one_window, PruneCurveOptions(heldout=0.9))
 
 
+def test_the_cli_warns_in_one_line_when_the_held_out_part_is_small(tmp_path, capsys):
+    from layerscope.app.cli import main
+
+    assert main(["analyze", "prune-curve", "--model", "tiny-llama", "--max-tokens", "128", "--seq-len", "32",
+                 "--max-removed", "1", "--no-greedy", "--no-save"]) == 0
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "held-out" in line]
+    assert line.startswith("layerscope: warning: the held-out part has 31 next-token positions, fewer than 256")
+
+
 def test_norm_placements_rewire_the_blocks():
     ids = torch.randint(0, 256, (2, 12))
     kinds = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
