@@ -159,7 +159,9 @@ def figure(table: pd.DataFrame) -> go.Figure:
             fig.add_scatter(x=rows["n_removed"], y=rows["heldout_ce"], mode="lines+markers", name=f"{method}, held out",
                             line={**colour, "dash": "dash"}, customdata=rows[["removed"]].values,
                             hovertemplate="%{x} removed: [%{customdata[0]}]<br>held-out CE %{y:.3f}<extra></extra>")
-    fig.update_layout(title="Pruning curve", xaxis_title="blocks removed", yaxis_title="cross-entropy (nats)")
+    title = "Pruning curve" + (": solid on the windows that chose each order, dashed on held-out windows"
+                               if heldout else "")
+    fig.update_layout(title=title, xaxis_title="blocks removed", yaxis_title="cross-entropy (nats)")
     integer_axis(fig, "xaxis", table["n_removed"])
     return fig
 
