@@ -1,11 +1,14 @@
 """Compare: the same measurement from two runs, overlaid where the figures allow it
-(for example two models, or two norm placements of one model)."""
+(for example two models, or two norm placements of one model), and the difference of
+their tables: a chosen numeric column, second run minus first, row against matching row."""
 
 import streamlit as st
 
-from layerscope.analysis.overlay import can_overlay, overlay
+from layerscope.analysis.overlay import can_overlay, difference, difference_figure, overlay
+from layerscope.analysis.plots import themed
 from layerscope.analysis.report import PLOT_CONFIG
 from layerscope.app import ui
+from layerscope.probes.errors import UserError
 
 st.title("Compare two runs")
 root = ui.settings().runs_dir
@@ -20,9 +23,32 @@ columns = st.columns(2)
 first = columns[0].selectbox("first run", ids, index=0, format_func=labels.get, key="compare_first")
 second = columns[1].selectbox("second run", ids, index=1, format_func=labels.get, key="compare_second")
 
+
+def show_difference(name: str, first_run: tuple, second_run: tuple, first_label: str, second_label: str) -> None:
+    """The chosen table's chosen column, second run minus first, as a figure and a table;
+    each run is its (manifest, tables)."""
+    mine, theirs = (ui.own_tables(manifest, name, tables) for manifest, tables in (first_run, second_run))
+    shared_tables = [t for t in mine if t in theirs and len(mine[t]) and len(theirs[t])]
+    if not shared_tables:
+        return
+    st.markdown(f"**Difference: {second_label} minus {first_label}**")
+    left, right = st.columns(2)
+    table = left.selectbox("table", shared_tables, key=f"compare.diff.{name}.table")
+    try:
+        diff = difference(mine[table], theirs[table])
+    except UserError as why:  # two tables that cannot be matched row by row are no mistake of the user's
+        st.info(f"{table} cannot be subtracted: {why}")
+        return
+    column = right.selectbox("column", diff.columns, key=f"compare.diff.{name}.{table}.column")
+    title = f"{table}: {column}, {second_label} minus {first_label}"
+    st.plotly_chart(themed(difference_figure(diff, column, title)), config=PLOT_CONFIG,
+                    key=f"compare.diff.{name}.figure")
+    with st.expander(f"difference table: {table} ({len(diff.table)} rows)"):
+        st.dataframe(diff.table, hide_index=True, key=f"compare.diff.{name}.rows")
+
 with ui.user_errors():
-    first_manifest, _ = ui.cached_run(root, first)
-    second_manifest, _ = ui.cached_run(root, second)
+    first_manifest, first_tables = ui.cached_run(root, first)
+    second_manifest, second_tables = ui.cached_run(root, second)
     columns[0].caption(ui.run_caption(first_manifest))
     columns[1].caption(ui.run_caption(second_manifest))
     first_label = first_manifest.get("model", {}).get("model") or "first"
@@ -44,5 +70,7 @@ with ui.user_errors():
                 left, right = st.columns(2)
                 left.plotly_chart(a, config=PLOT_CONFIG, key=f"compare.{name}.{number}.first")
                 right.plotly_chart(b, config=PLOT_CONFIG, key=f"compare.{name}.{number}.second")
+        show_difference(name, (first_manifest, first_tables), (second_manifest, second_tables), first_label,
+                        second_label)
     if not shared:
         st.warning("These two runs share no measurement: pick two runs of the same measurement.")

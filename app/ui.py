@@ -193,33 +193,42 @@ def _bounds(f, kind: type) -> dict:
             if name in f.metadata}
 
 
-def option_controls(metric: Metric):
-    """One widget per field of the measurement's options dataclass; returns the options.
-
-    Defaults go into the session state rather than the widgets, so that a kept value and
-    a default never disagree.
-    """
+def _option_kinds(metric: Metric):
+    """Each field with its widget's type (None for a list of choices) and whether it may be
+    left empty, after putting its default into the session state, so that a kept value and
+    a default never disagree."""
     hints = typing.get_type_hints(metric.options)
-    values = {}
     for f in fields(metric.options):
-        key = _option_key(metric, f.name)
-        st.session_state.setdefault(key, None if f.default is MISSING else f.default)
-        label, help_text = f.name.replace("_", " "), f.metadata.get("help")
-        kind, choices = _without_none(hints[f.name]), f.metadata.get("choices")
-        optional = type(None) in typing.get_args(hints[f.name])
-        if choices:
-            values[f.name] = st.selectbox(label, choices, help=help_text, key=key)
-        elif kind is bool:
-            values[f.name] = st.checkbox(label, help=help_text, key=key)
-        elif kind is int:
-            values[f.name] = _number(st.number_input(label, value=None, step=1, help=help_text, key=key,
-                                                     **_bounds(f, int)), int, label, optional)
-        elif kind is float:
-            values[f.name] = _number(st.number_input(label, value=None, help=help_text, key=key, format="%g",
-                                                     **_bounds(f, float)), float, label, optional)
-        else:
-            values[f.name] = st.text_input(label, help=help_text, key=key)
+        st.session_state.setdefault(_option_key(metric, f.name), None if f.default is MISSING else f.default)
+        kind = None if f.metadata.get("choices") else _without_none(hints[f.name])
+        yield f, kind, type(None) in typing.get_args(hints[f.name])
+
+
+def chosen_options(metric: Metric):
+    """The measurement's options as its controls hold them, read before they are drawn, so
+    that the page knows whether a stored run answers them (and folds the controls away)."""
+    values = {}
+    for f, kind, optional in _option_kinds(metric):
+        value = st.session_state[_option_key(metric, f.name)]
+        values[f.name] = _number(value, kind, f.name.replace("_", " "), optional) if kind in (int, float) else value
     return metric.options(**values)
+
+
+def option_controls(metric: Metric) -> None:
+    """One widget per field of the measurement's options dataclass; `chosen_options` reads them."""
+    for f, kind, optional in _option_kinds(metric):
+        key = _option_key(metric, f.name)
+        label, help_text = f.name.replace("_", " "), f.metadata.get("help")
+        if kind is None:
+            st.selectbox(label, f.metadata["choices"], help=help_text, key=key)
+        elif kind is bool:
+            st.checkbox(label, help=help_text, key=key)
+        elif kind is int:
+            st.number_input(label, value=None, step=1, help=help_text, key=key, **_bounds(f, int))
+        elif kind is float:
+            st.number_input(label, value=None, help=help_text, key=key, format="%g", **_bounds(f, float))
+        else:
+            st.text_input(label, help=help_text, key=key)
 
 
 # ---------------------------------------------------------------- drawing a run
@@ -249,11 +258,16 @@ def show_views(root: Path, run_id: str, name: str, tables: dict[str, pd.DataFram
         st.plotly_chart(figure, config=PLOT_CONFIG, key=f"{run_id}.{name}.view{number}")
 
 
+def own_tables(manifest: dict, name: str, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The tables one measurement of a run made (all of the run's, for a run that does not say)."""
+    own = (manifest.get("tables_by_metric") or {}).get(name)
+    return {t: tables[t] for t in own if t in tables} if own else tables
+
+
 def _shown_tables(manifest: dict, name: str, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The tables one measurement of a run displays, as the CLI prints them; all of its
     tables, undrawn, when its display cannot read them."""
-    own = (manifest.get("tables_by_metric") or {}).get(name)
-    mine = {t: tables[t] for t in own if t in tables} if own else tables
+    mine = own_tables(manifest, name, tables)
     metric = DRAWN.get(name)
     if metric is None:
         return mine

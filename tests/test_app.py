@@ -154,14 +154,35 @@ def test_runs_page_lists_and_draws_a_stored_run(store):
     assert at.get("download_button")
 
 
-def test_compare_overlays_two_models(store):
+def test_compare_overlays_two_models_and_draws_their_difference(store):
     for model in ("tiny-llama", "tiny-gpt2"):
         open_app("residual-stats", model_choice=model).button(key="residual-stats.run").click().run()
     at = open_app("page_compare.py")
     assert_clean(at)
-    [chart] = charts(at)
-    names = [trace["name"] for trace in chart["data"]]
+    overlaid, diff = charts(at)
+    names = [trace["name"] for trace in overlaid["data"]]
     assert any(n.endswith("· tiny-llama") for n in names) and any(n.endswith("· tiny-gpt2") for n in names)
+
+    # The difference view: the second run's column minus the first's, layer by layer.
+    runs = {at.selectbox(key=k).value: k for k in ("compare_first", "compare_second")}
+    first, second = (load_run(run_id, store)[1]["residual_stats"] for run_id in runs)
+    table = at.selectbox(key="compare.diff.residual-stats.table")
+    column = at.selectbox(key="compare.diff.residual-stats.residual_stats.column")
+    assert (table.value, column.value) == ("residual_stats", "mean_norm")
+
+    def expected(col):
+        joined = first.merge(second, on=["point", "layer"])
+        return joined[joined["point"] == "resid_post"].set_index("layer")[f"{col}_y"] - \
+            joined[joined["point"] == "resid_post"].set_index("layer")[f"{col}_x"]
+
+    post = next(trace for trace in diff["data"] if trace["name"] == "resid_post")
+    np.testing.assert_allclose(_array(post["y"]), expected("mean_norm").loc[_array(post["x"])].to_numpy(), rtol=1e-12)
+    assert "minus" in diff["layout"]["title"]["text"]
+    column.select("max_abs").run()
+    assert_clean(at)
+    post = next(trace for trace in charts(at)[1]["data"] if trace["name"] == "resid_post")
+    np.testing.assert_allclose(_array(post["y"]), expected("max_abs").loc[_array(post["x"])].to_numpy(), rtol=1e-12)
+    assert at.dataframe[-1].value.columns[:2].tolist() == ["point", "layer"]
 
 
 def test_compare_asks_for_two_runs():
@@ -243,6 +264,59 @@ def test_an_emptied_number_option_is_a_readable_error():
     at.number_input(key=f"{metric.name}.{name}").set_value(None).run()
     assert not at.exception
     assert f"option '{name.replace('_', ' ')}' needs a number" in at.error[0].value
+    assert options_expander(at).proto.expanded, "the option at fault stays in view"
+
+
+def options_expander(at: AppTest):
+    [expander] = [e for e in at.expander if e.label == "options"]
+    return expander
+
+
+def test_options_fold_away_once_a_run_is_shown_and_the_figures_come_first(store):
+    at = open_app("block-influence")
+    assert options_expander(at).proto.expanded and not charts(at)
+    at.button(key="block-influence.run").click().run()
+    assert_clean(at)
+    assert not options_expander(at).proto.expanded and charts(at)
+    # Another setting has no run yet: the options open again, for the user to run it.
+    flag = next(f.name for f in fields(METRICS["block-influence"].options) if f.default is False)
+    at.checkbox(key=f"block-influence.{flag}").check().run()
+    assert options_expander(at).proto.expanded and not charts(at)
+    reopened = open_app("block-influence")
+    assert not options_expander(reopened).proto.expanded and charts(reopened)
+
+
+def _in_page_order(node) -> list:
+    """Headings, charts and expanders of a page in the order they are drawn."""
+    found = []
+    for child in node.children.values():
+        if child.type in ("subheader", "plotly_chart"):
+            found.append((child.type, getattr(child, "value", None)))
+        elif child.type == "expander":
+            found.append(("expander", child.label))
+        if getattr(child, "children", None) and child.type != "expander":
+            found.extend(_in_page_order(child))
+    return found
+
+
+def test_a_surveys_tables_sit_under_their_own_measurements_figures(store):
+    names = ["block-influence", "layer-skip", "logit-lens"]
+    assert main(["survey", "--model", "tiny-llama", "--corpus", f"text:{TEXT}", "--metrics", ",".join(names),
+                 "--runs-dir", str(store)]) == 0
+    [run] = list_runs(store)
+    manifest, _ = load_run(run["run_id"], store)
+    at = open_app("page_runs.py")
+    assert_clean(at)
+    order = _in_page_order(at.main)
+    headings = [i for i, (kind, value) in enumerate(order) if kind == "subheader" and value in names]
+    assert [order[i][1] for i in headings] == names
+    for number, name in enumerate(names):
+        start, end = headings[number], headings[number + 1] if number + 1 < len(headings) else len(order)
+        section = order[start:end]
+        tables = [label.split()[1] for kind, label in section if kind == "expander" and label.startswith("table: ")]
+        assert tables and set(tables) <= set(manifest["tables_by_metric"][name]), (name, tables)
+        first_table = next(i for i, (kind, label) in enumerate(section) if kind == "expander")
+        assert any(kind == "plotly_chart" for kind, _ in section[:first_table]), f"{name}'s figure comes first"
 
 
 def test_typed_text_comes_back_after_choosing_another_corpus():

@@ -164,7 +164,7 @@ def test_logit_lens_against_a_direct_computation(tiny_models):
 def test_prune_curve_is_consistent_with_single_skips(tiny_models):
     loaded = tiny_models["gpt2"]
     windows = windows_for(loaded, max_tokens=128)
-    curve = PRUNE_CURVE(loaded, windows, PruneCurveOptions(max_removed=2))["prune_curve"]
+    curve = PRUNE_CURVE(loaded, windows, PruneCurveOptions(max_removed=2, heldout=0.0))["prune_curve"]
     skips = LAYER_SKIP(loaded, windows, LayerSkipOptions())["layer_skip"]
     greedy_first = curve[(curve.method == "greedy") & (curve.n_removed == 1)].iloc[0]
     assert greedy_first["layer_removed"] == skips["delta_ce"].idxmin()
@@ -172,6 +172,96 @@ def test_prune_curve_is_consistent_with_single_skips(tiny_models):
     assert curve[curve.n_removed == 0]["delta_ce"].abs().max() == 0
     bi_curve = curve[curve.method == "bi_order"]
     assert list(bi_curve["n_removed"]) == [0, 1, 2]
+
+
+def _without_layers(loaded, layers):
+    """A hand-built copy of the model with the given blocks deleted from its layer list."""
+    model = copy.deepcopy(loaded.model)
+    container = model
+    for part in loaded.adapter.layers.split("."):
+        container = getattr(container, part)
+    for layer in sorted(layers, reverse=True):
+        del container[layer]
+    return model
+
+
+def _hand_ce(model, ids):
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    return -logprobs.gather(-1, ids[:, 1:, None]).mean().item()
+
+
+def _hand_block_influence(loaded, ids):
+    """1 - mean cos(block input, raw block output), read by plain forward hooks."""
+    seen = {}
+    blocks = loaded.adapter.layer_modules(loaded.model)
+    hooks = [b.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(
+        i, (args[0], out[0] if isinstance(out, tuple) else out))) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            loaded.model(ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [1 - cos(*seen[i]).mean().item() for i in range(len(blocks))]
+
+
+def test_prune_curve_chooses_on_some_windows_and_scores_on_the_held_out_rest(tiny_models):
+    loaded = tiny_models["llama"]
+    windows = windows_for(loaded, max_tokens=256)  # 8 windows; the last quarter, 2, is held out
+    with pytest.warns(UserWarning, match="62 next-token positions, fewer than 256"):
+        curve = PRUNE_CURVE(loaded, windows, PruneCurveOptions(max_removed=2))["prune_curve"]
+    chosen_on, heldout = windows.input_ids[:6], windows.input_ids[6:]
+    assert set(curve["chosen_tokens"]) == {6 * 31} and set(curve["heldout_tokens"]) == {2 * 31}
+
+    removed, greedy_rows = [], curve[curve.method == "greedy"].set_index("n_removed")
+    for step in (1, 2):
+        costs = {c: _hand_ce(_without_layers(loaded, removed + [c]), chosen_on)
+                 for c in range(loaded.n_layers) if c not in removed}
+        removed.append(min(costs, key=costs.get))
+        row = greedy_rows.loc[step]
+        assert row["layer_removed"] == removed[-1]
+        assert row["ce"] == pytest.approx(costs[removed[-1]], abs=1e-5)
+        assert row["heldout_ce"] == pytest.approx(_hand_ce(_without_layers(loaded, removed), heldout), abs=1e-5)
+
+    influence = _hand_block_influence(loaded, windows.input_ids)
+    order = sorted(range(loaded.n_layers), key=influence.__getitem__)
+    bi_rows = curve[curve.method == "bi_order"].set_index("n_removed")
+    full_held = _hand_ce(loaded.model, heldout)
+    for k in (0, 1, 2):
+        row = bi_rows.loc[k]
+        assert row["removed"] == ",".join(map(str, sorted(order[:k])))
+        assert row["ce"] == pytest.approx(_hand_ce(_without_layers(loaded, order[:k]), chosen_on), abs=1e-5)
+        held = _hand_ce(_without_layers(loaded, order[:k]), heldout)
+        assert row["heldout_ce"] == pytest.approx(held, abs=1e-5)
+        assert row["heldout_delta_ce"] == pytest.approx(held - full_held, abs=1e-5)
+    summary = PRUNE_CURVE.summarize({"prune_curve": curve})
+    assert "held out" in summary[0] and "fewer than 256" in summary[1]
+    dashed = [t.name for t in PRUNE_CURVE.draw({"prune_curve": curve})[0].data if t.line.dash == "dash"]
+    assert dashed == ["bi_order, held out", "greedy, held out"]
+
+
+def test_prune_curve_without_a_held_out_part_says_so(tiny_models):
+    loaded = tiny_models["gpt2"]
+    one_window = windows_for(loaded, max_tokens=32)
+    with pytest.warns(UserWarning, match="no held-out windows"):
+        curve = PRUNE_CURVE(loaded, one_window, PruneCurveOptions(max_removed=1, greedy=False))["prune_curve"]
+    assert curve["heldout_ce"].isna().all() and set(curve["heldout_tokens"]) == {0}
+    assert "held out" not in PRUNE_CURVE.summarize({"prune_curve": curve})[0]
+    assert len(PRUNE_CURVE.draw({"prune_curve": curve})[0].data) == 1
+    with pytest.raises(UserError, match="heldout must be between 0.0 and 0.5, got 0.9"):
+        PRUNE_CURVE(loaded, one_window, PruneCurveOptions(heldout=0.9))
+
+
+def test_the_cli_warns_in_one_line_when_the_held_out_part_is_small(tmp_path, capsys):
+    from layerscope.app.cli import main
+
+    assert main(["analyze", "prune-curve", "--model", "tiny-llama", "--max-tokens", "128", "--seq-len", "32",
+                 "--max-removed", "1", "--no-greedy", "--no-save"]) == 0
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "held-out" in line]
+    assert line.startswith("layerscope: warning: the held-out part has 31 next-token positions, fewer than 256")
 
 
 def test_norm_placements_rewire_the_blocks():

@@ -55,7 +55,7 @@ def check_model(model: str, names: list[str]) -> None:
                             loaded.bos_token_id, loaded.max_context)
     for name in names:
         metric = METRICS[name]
-        options = metric.options(**({"max_removed": 2} if name == "prune-curve" and loaded.n_layers < 8 else {}))
+        options = metric.options(**({"max_removed": 2, "heldout": 0.0} if name == "prune-curve" and loaded.n_layers < 8 else {}))
         tables = metric(loaded, windows, options)
         stored = sorted((GOLDEN / model / name).glob("*.parquet"))
         # Tables and columns added since the stored commit (pictures of one window) are
