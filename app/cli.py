@@ -457,7 +457,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from layerscope.app.zoo_catalogue import list_models
+    from layerscope.probes.catalogue import list_models
 
     rows = list_models()
     if args.format == "json":

@@ -34,6 +34,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from layerscope.probes.catalogue import EMBEDDED_MODELS, list_models  # noqa: F401  (list_models: part of the zoo's API)
 from layerscope.probes.corpus import user_path
 from layerscope.probes.errors import UserError
 from layerscope.probes.files import JSONFileError, build_dir_atomic, read_json_capped
@@ -338,12 +339,9 @@ def _load_minilm(spec: ModelSpec) -> LoadedModel:
                        weights_files=(path / "model.safetensors",))
 
 
+_LOADERS = {"smollm2-135m": _load_smollm2, "minilm-l6": _load_minilm, "gemma3-270m": _load_gemma3}
 EMBEDDED: dict[str, tuple[str, Callable[[ModelSpec], LoadedModel]]] = {
-    "smollm2-135m": ("SmolLM2-135M-Instruct (Llama family, 30 layers, RMSNorm, Pre-LN), dequantised Q4_1", _load_smollm2),
-    "minilm-l6": ("all-MiniLM-L6-v2 (BERT encoder, 6 layers, LayerNorm, Post-LN)", _load_minilm),
-    "gemma3-270m": ("Gemma 3 270M (18 layers, RMSNorm, Peri-LN, 4 query heads on 1 KV head), dequantised Q4_K_M",
-                    _load_gemma3),
-}
+    name: (description, _LOADERS[name]) for name, description in EMBEDDED_MODELS.items()}
 
 # ---------------------------------------------------------------- tiny models
 
@@ -623,17 +621,6 @@ def _load_hub(spec: ModelSpec) -> LoadedModel:
 
 def known_model_names() -> list[str]:
     return [*EMBEDDED, *(f"tiny-{f}" for f in TINY_MODELS)]
-
-
-def list_models() -> list[dict]:
-    """The zoo's named models with a one-line description each."""
-    rows = [{"model": name, "kind": "embedded", "description": desc} for name, (desc, _) in EMBEDDED.items()]
-    rows += [{"model": f"tiny-{f}", "kind": "tiny", "description": f"seeded random {f}, 4 layers, d_model 64"}
-             for f in TINY_FAMILIES]
-    rows += [{"model": f"tiny-{name}", "kind": "tiny",
-              "description": f"seeded random {model_type}, 2 layers, d_model 64"}
-             for name, (model_type, _) in TINY_ARCHITECTURES.items()]
-    return rows
 
 
 def load_model(spec: ModelSpec | str, attn_implementation: str | None = None, device: str = "auto",

@@ -114,11 +114,11 @@ def test_help_does_not_import_torch():
     assert result.stdout.strip().splitlines()[-1] == "HEAVY 0 []"
 
 
-def test_the_torch_free_model_list_is_the_zoos():
-    from layerscope.app.zoo_catalogue import list_models
-    from layerscope.probes.zoo import list_models as zoo_models
+def test_the_torch_free_model_list_names_the_models_the_zoo_builds():
+    from layerscope.probes import catalogue, zoo
 
-    assert list_models() == zoo_models()
+    assert catalogue.TINY_FAMILIES == zoo.TINY_FAMILIES
+    assert [row["model"] for row in catalogue.list_models()] == zoo.known_model_names()
 
 
 def test_models_table(capsys):

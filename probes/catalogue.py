@@ -1,8 +1,8 @@
-"""The zoo's named models as `layerscope models` lists them, without importing torch.
+"""The zoo's named models and their descriptions, without importing torch.
 
 `probes.zoo` builds the models themselves and imports torch and transformers, which takes
-seconds; listing names must not.  `tests/test_cli.py` checks that this list equals
-`probes.zoo.list_models()` row for row, so the two cannot drift apart.
+seconds; `layerscope models` lists them from here.  `tests/test_cli.py` checks that the
+tiny families named here are the ones the zoo builds.
 """
 
 from __future__ import annotations
