@@ -177,18 +177,24 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+# What a stopped run may change when it resumes: the remedies a non-finite loss suggests.
+# They act from the resumed step on, and the loss history's lr column shows the rate used.
+RETUNABLE_ON_RESUME = ("lr", "grad_clip")
+
+
 def check_resumable(state: dict, path: Path, loaded: LoadedModel, config, data: dict, remove: bool) -> None:
-    """A checkpoint resumes only the run that wrote it: same model, kind and settings."""
+    """A checkpoint resumes only the run that wrote it: same model, kind and settings, but
+    for `RETUNABLE_ON_RESUME`."""
     if state["model"] != loaded.spec.name or state["weights_hash"] != loaded.weights_hash:
         raise UserError(f"--resume: checkpoint {path} is a run for model {state['model']!r}, "
                         f"not {loaded.spec.name!r}; pass the same --model or another --checkpoint-dir")
     if state["remove"] != remove:
         raise UserError(f"--resume: checkpoint {path} is a {'removal' if state['remove'] else 'control'} run")
-    changed = [k for k, v in asdict(config).items() if state["config"].get(k) != v]
+    changed = [k for k, v in asdict(config).items() if state["config"].get(k) != v and k not in RETUNABLE_ON_RESUME]
     changed += [k for k, v in data.items() if state["data"].get(k) != v]
     if changed:
         raise UserError(f"--resume: settings differ from the checkpoint's ({', '.join(changed)}); "
-                        "resume with the same command")
+                        f"resume with the same command (only {' and '.join(RETUNABLE_ON_RESUME)} may change)")
 
 
 # ---------------------------------------------------------------- the norm-free model on disk

@@ -15,6 +15,7 @@ from layerscope.probes.interventions import FrozenNorm
 from layerscope.probes.ln_removal import (LossNotFinite, RemovableNorm, RemovalConfig, RemovalData, fine_tune,
                                           load_checkpoint, remove_without_finetuning, removal_schedule,
                                           save_norm_free)
+from layerscope.probes.ln_schedule import learning_rate
 from layerscope.probes.norms import is_real_norm, norm_forward, norm_sites, token_scale, value_split_roles
 from layerscope.probes.zoo import FROZEN_NORMS_FILE, TINY_FAMILIES, load_model
 
@@ -186,8 +187,26 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     _removed("llama", checkpoint=tmp_path / "c.pt", checkpoint_every=4)
-    with pytest.raises(UserError, match=r"settings differ from the checkpoint's \(lr\)"):
-        _removed("llama", RemovalConfig(**{**FAST.__dict__, "lr": 5e-4}), checkpoint=tmp_path / "c.pt", resume=True)
+    with pytest.raises(UserError, match=r"settings differ from the checkpoint's \(steps\)"):
+        _removed("llama", RemovalConfig(**{**FAST.__dict__, "steps": FAST.steps + 4}), checkpoint=tmp_path / "c.pt",
+                 resume=True)
+
+
+def test_a_stopped_run_resumes_with_a_lower_learning_rate(tmp_path):
+    """What the non-finite-loss message advises: lower --lr and --resume.  The new rate
+    applies from the resumed step on."""
+    def interrupt(step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _removed("llama", checkpoint=tmp_path / "c.pt", checkpoint_every=4, on_step=interrupt)
+    lower = replace(FAST, lr=FAST.lr / 2)
+    _, result = _removed("llama", lower, checkpoint=tmp_path / "c.pt", resume=True)
+    assert result.resumed_from == 4
+    rates = dict(zip(result.history["step"], result.history["lr"]))
+    assert rates[3] == pytest.approx(learning_rate(3, FAST))
+    assert rates[5] == pytest.approx(learning_rate(5, lower)) and learning_rate(5, lower) < learning_rate(5, FAST)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
