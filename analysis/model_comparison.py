@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from layerscope.analysis.plots import themed
 from layerscope.analysis.result import Result
 
 COMPARED_METRICS = ["variance", "block-influence", "massive"]
@@ -97,11 +99,13 @@ def figure(depth: pd.DataFrame) -> go.Figure:
     """Four panels against relative depth, one line per model."""
     fig = make_subplots(rows=2, cols=2, subplot_titles=[title for _, title, _ in PANELS],
                         horizontal_spacing=0.1, vertical_spacing=0.16)
-    for (model, placement), rows in depth.groupby(["model", "placement"], sort=False):
+    palette = plotly.colors.qualitative.Plotly
+    for n, ((model, placement), rows) in enumerate(depth.groupby(["model", "placement"], sort=False)):
         label = f"{model} ({placement})"
+        colour = palette[n % len(palette)]  # one colour per model in every panel, as its legend entry says
         for i, (column, title, _) in enumerate(PANELS):
             fig.add_trace(go.Scatter(x=rows["relative_depth"], y=rows[column], mode="lines+markers", name=label,
-                                     legendgroup=label, showlegend=i == 0,
+                                     legendgroup=label, showlegend=i == 0, line_color=colour, marker_color=colour,
                                      hovertemplate=f"{label}<br>layer %{{customdata}}<br>{title} %{{y:.4g}}"
                                                    "<extra></extra>",
                                      customdata=rows["layer"]),
@@ -109,9 +113,8 @@ def figure(depth: pd.DataFrame) -> go.Figure:
     for i, (_, title, axis) in enumerate(PANELS):
         fig.update_xaxes(title_text="relative depth (layer + 1) / layers", range=[0, 1.02], row=i // 2 + 1, col=i % 2 + 1)
         fig.update_yaxes(title_text=title, type=axis, row=i // 2 + 1, col=i % 2 + 1)
-    fig.update_layout(title="Norm placements side by side, by relative depth", height=760,
-                      legend=dict(orientation="h", y=-0.12))
-    return fig
+    fig.update_layout(title="Norm placements side by side, by relative depth", height=760)
+    return themed(fig)
 
 
 def summarize(growth: pd.DataFrame) -> list[str]:

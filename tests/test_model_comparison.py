@@ -37,3 +37,26 @@ def test_compare_refuses_a_bad_model_list_in_one_line(models, capsys):
     assert main(["compare", "--models", models, "--no-save"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--models" in err[0]
+
+
+def test_the_figure_colours_each_model_once_and_labels_log_axes_at_face_value():
+    """Plotly's own log ticks label 2 and 5 with bare digits ("9, 1, 2, 3" up an axis);
+    every log panel must carry the shared theme's labels instead."""
+    import pandas as pd
+
+    from layerscope.analysis.model_comparison import PANELS, figure
+
+    depth = pd.DataFrame([{"model": m, "placement": p, "layer": l, "relative_depth": (l + 1) / 4,
+                           **{column: scale * (1.5 + l) ** 2 for column, _, _ in PANELS}}
+                          for m, p, scale in (("a", "pre", 1.0), ("b", "peri", 3.0)) for l in range(4)])
+    fig = figure(depth)
+    layout = fig.layout
+    colours = {}
+    for trace in fig.data:  # each model keeps one colour across the four panels
+        colours.setdefault(trace.legendgroup, set()).add(trace.line.color)
+    assert len(colours) == 2 and all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == 2
+    logs = [layout[name] for name in layout if name.startswith("yaxis") and layout[name].type == "log"]
+    assert logs and all(axis.tickmode == "array" or axis.exponentformat == "power" for axis in logs)
+    for axis in logs:
+        if axis.tickmode == "array":
+            assert list(axis.ticktext) == [f"{t:.3g}" for t in axis.tickvals] and list(axis.tickvals) == sorted(axis.tickvals)
