@@ -76,8 +76,14 @@ def test_capture_runs_the_unembedding_only_for_a_reducer_that_reads_logits(tiny_
     with counting(unembed=loaded.model.lm_head, final_norm=loaded.model.model.norm) as calls:
         alone = capture(loaded, windows, ProbeSpec(streaming), progress=False)
     assert calls == {"unembed": 0, "final_norm": 0}
+    # DLA of the next token reads its target's logit off the final residual; of the model's
+    # top-1 token, it needs every logit.
     with counting(unembed=loaded.model.lm_head) as calls:
-        with_logits = capture(loaded, windows, ProbeSpec((*streaming, DirectLogitAttribution())), progress=False)
+        capture(loaded, windows, ProbeSpec((*streaming, DirectLogitAttribution())), progress=False)
+    assert calls["unembed"] == 0
+    with counting(unembed=loaded.model.lm_head) as calls:
+        with_logits = capture(loaded, windows, ProbeSpec((*streaming, DirectLogitAttribution(token="top"))),
+                              progress=False)
     assert calls["unembed"] == len(windows)
     # The early stop changes nothing the reducers see: their results are bit-identical.
     for kind, got in alone["moments"].kinds.items():
