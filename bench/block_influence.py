@@ -15,18 +15,16 @@ from __future__ import annotations
 
 
 from harness import (BATCH_SIZE, MODEL, SEQ_LEN, Section, Spread, alternate, case_parser, check_agreement,
-                     corpus_windows)
+                     model_and_windows)
 
 
 def main() -> None:
     args = case_parser(__doc__, tokens=8192).parse_args()
 
     from layerscope.analysis import block_influence
-    from layerscope.probes.zoo import load_model
     from peers import shortgpt_block_influence
 
-    loaded = load_model(MODEL)
-    windows = corpus_windows(loaded, args.tokens)
+    loaded, windows = model_and_windows(args.tokens)
     options = block_influence.BlockInfluenceOptions()
     answers = {}
 

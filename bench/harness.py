@@ -48,10 +48,10 @@ class Spread:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
 
-def case_parser(doc: str, tokens: int) -> argparse.ArgumentParser:
+def case_parser(doc: str, tokens: int, repeats: int = REPEATS) -> argparse.ArgumentParser:
     """The options every side-by-side case takes: repeats and corpus length."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--tokens", type=int, default=tokens)
     return parser
 
@@ -65,6 +65,14 @@ def corpus_windows(loaded, tokens: int, seq_len: int = SEQ_LEN, batch_size: int 
     if windows.n_tokens != tokens:
         raise SystemExit(f"the default corpus gave {windows.n_tokens} tokens, not {tokens}")
     return windows
+
+
+def model_and_windows(tokens: int):
+    """The benchmarks' model, loaded, with `tokens` tokens of the default corpus."""
+    from layerscope.probes.zoo import load_model
+
+    loaded = load_model(MODEL)
+    return loaded, corpus_windows(loaded, tokens)
 
 
 def alternate(runs: dict[str, Callable[[], Any]], repeats: int = REPEATS,

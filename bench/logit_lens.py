@@ -15,23 +15,19 @@ Target: layerscope at most 0.5x the replaced implementation's time (2x faster).
 from __future__ import annotations
 
 from harness import (BATCH_SIZE, MODEL, SEQ_LEN, Section, Spread, alternate, case_parser, check_agreement,
-                     corpus_windows)
+                     model_and_windows)
 
 COLUMNS = ("ce", "top1_accuracy", "kl_to_final")
 
 
 def main() -> None:
-    parser = case_parser(__doc__, tokens=2048)
-    parser.set_defaults(repeats=3)
-    args = parser.parse_args()
+    args = case_parser(__doc__, tokens=2048, repeats=3).parse_args()
 
     from layerscope.analysis import logit_lens
     from layerscope.analysis.metric import NoOptions
-    from layerscope.probes.zoo import load_model
     from peers import logit_lens_before
 
-    loaded = load_model(MODEL)
-    windows = corpus_windows(loaded, args.tokens)
+    loaded, windows = model_and_windows(args.tokens)
     answers = {}
 
     def ours(batches=windows):

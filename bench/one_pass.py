@@ -11,7 +11,7 @@ before the timing counts.  Target: all of them at most 1.3x residual-stats alone
 from __future__ import annotations
 
 from harness import (BATCH_SIZE, MODEL, SEQ_LEN, Section, Spread, alternate, case_parser, check_agreement,
-                     corpus_windows)
+                     model_and_windows)
 
 
 def main() -> None:
@@ -19,10 +19,8 @@ def main() -> None:
 
     from layerscope.analysis.registry import METRICS
     from layerscope.analysis.runner import measure
-    from layerscope.probes.zoo import load_model
 
-    loaded = load_model(MODEL)
-    windows = corpus_windows(loaded, args.tokens)
+    loaded, windows = model_and_windows(args.tokens)
     # The nine that each made a pass of their own before; the logit lens unembeds every
     # layer, which costs more than the pass itself, so it is timed on its own elsewhere.
     streaming = [m.name for m in METRICS.values() if m.kind == "streaming" and m.name != "logit-lens"]

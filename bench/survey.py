@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from harness import MODEL, SEQ_LEN, Section, Spread, case_parser, corpus_windows
+from harness import MODEL, SEQ_LEN, Section, Spread, case_parser, model_and_windows
 
 FORWARDS = 5
 NOTE = ("Counted in blocks (SmolLM2: L = 30 blocks, the unembedding U ≈ 7.7 blocks, one pass L + U = 37.7): each "
@@ -26,16 +26,12 @@ NOTE = ("Counted in blocks (SmolLM2: L = 30 blocks, the unembedding U ≈ 7.7 bl
 
 
 def main() -> None:
-    parser = case_parser(__doc__, tokens=1024)
-    parser.set_defaults(repeats=1)
-    args = parser.parse_args()
+    args = case_parser(__doc__, tokens=1024, repeats=1).parse_args()
 
     from layerscope.analysis.runner import measure
-    from layerscope.probes.zoo import load_model
     from peers import hf_forward
 
-    loaded = load_model(MODEL)
-    windows = corpus_windows(loaded, args.tokens)
+    loaded, windows = model_and_windows(args.tokens)
     measure(loaded, windows.head(SEQ_LEN), ["residual-stats", "logit-lens"])
     hf_forward(loaded.model, windows)
     forwards, surveys, timings = [], [], []
