@@ -18,9 +18,8 @@ import torch
 
 from layerscope.analysis.metric import Metric, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
-from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
-from layerscope.probes.outlier_reducers import ProjectionOutliers, ProjectionOutliersResult
+from layerscope.probes.outlier_reducers import PROJECTION_SITES, ProjectionOutliers, ProjectionOutliersResult
 from layerscope.probes.zoo import LoadedModel
 
 
@@ -85,16 +84,17 @@ def outlier_features(cells: pd.DataFrame, n_layers: int, min_layer_frac: float =
 def outlier_layers(cells: pd.DataFrame, n_layers: int, min_token_frac: float = 0.06) -> pd.DataFrame:
     """One row per (layer, site): how many dims reach the threshold at all (`dims_over`) and on
     >= min_token_frac of tokens (`dims_affected`), and the largest |x| with its dim."""
-    rows = []
-    for layer in range(n_layers):
-        for site in ("attn_in", "mlp_in"):
-            group = cells[(cells["layer"] == layer) & (cells["site"] == site)]
-            peak = group.loc[group["max_abs"].idxmax()] if not group.empty else None
-            rows.append({"layer": layer, "site": site, "dims_over": len(group),
-                         "dims_affected": int((group["token_frac"] >= min_token_frac).sum()),
-                         "max_abs": peak["max_abs"] if peak is not None else 0.0,
-                         "max_dim": int(peak["dim"]) if peak is not None else -1})
-    return pd.DataFrame(rows)
+    every = pd.MultiIndex.from_product([range(n_layers), PROJECTION_SITES], names=["layer", "site"])
+    by_cell = cells.groupby(["layer", "site"])
+    # The first dim of a (layer, site) that reaches its largest |x|: cells come in dim order.
+    peaks = cells.loc[by_cell["max_abs"].idxmax()].set_index(["layer", "site"])
+    return pd.DataFrame({
+        "dims_over": by_cell.size().reindex(every, fill_value=0),
+        "dims_affected": (cells["token_frac"] >= min_token_frac).groupby([cells["layer"], cells["site"]]).sum()
+                         .reindex(every, fill_value=0).astype(int),
+        "max_abs": peaks["max_abs"].reindex(every, fill_value=0.0).astype(float),
+        "max_dim": peaks["dim"].reindex(every, fill_value=-1).astype(int),
+    }, index=every).reset_index()
 
 
 def tables(captured: Capture, loaded: LoadedModel, options: Int8Options) -> Tables:

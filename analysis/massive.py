@@ -68,8 +68,17 @@ def _token(decode, token_id: int):
     return decode([token_id]) if decode else token_id
 
 
-def _is_massive(abs_value: float, median: float, min_value: float, min_ratio: float) -> bool:
-    return abs_value > min_value and abs_value >= min_ratio * median
+def _tokens(decode, token_ids) -> list:
+    """`_token` of each id, each distinct id decoded once."""
+    ids = [int(i) for i in token_ids]
+    shown = {i: _token(decode, i) for i in set(ids)}
+    return [shown[i] for i in ids]
+
+
+def _is_massive(abs_value, median, min_value: float, min_ratio: float):
+    """Whether |x| is massive: over `min_value` and at least `min_ratio` times the median
+    (floats, or tensors elementwise)."""
+    return (abs_value > min_value) & (abs_value >= min_ratio * median)
 
 
 @torch.no_grad()
@@ -104,20 +113,17 @@ def massive_dims(capture: Capture, min_ratio: float = 1000.0, decode=None) -> pd
     result: MassiveResult = capture["massive"]
     min_value = result.min_value
     layers, dims = torch.nonzero(result.dim_max.abs > min_value, as_tuple=True)
-    rows = []
-    for layer, dim in zip(layers.tolist(), dims.tolist()):
-        max_abs = result.dim_max.abs[layer, dim].item()
-        median = result.median[layer].item()
-        window, pos, _, token = result.dim_max.at.at(layer, dim)
-        first, rest = result.over_first[layer, dim].item(), result.over_rest[layer, dim].item()
-        rows.append({
-            "layer": layer, "dim": dim, "max_abs": max_abs, "window": window, "position": pos, "token_id": token,
-            "token": _token(decode, token), "median_abs": median, "ratio": max_abs / median,
-            "over_first": first, "over_rest": rest, "massive": _is_massive(max_abs, median, min_value, min_ratio),
-        })
-    columns = ["layer", "dim", "max_abs", "window", "position", "token_id", "token", "median_abs", "ratio",
-               "over_first", "over_rest", "massive"]
-    return pd.DataFrame(rows, columns=columns).astype({"massive": bool})
+    max_abs = result.dim_max.abs[layers, dims].double()
+    median = result.median[layers].double()
+    at = result.dim_max.at
+    return pd.DataFrame({
+        "layer": layers.numpy(), "dim": dims.numpy(), "max_abs": max_abs.numpy(),
+        "window": at.window[layers, dims].numpy(), "position": at.position[layers, dims].numpy(),
+        "token_id": at.token[layers, dims].numpy(), "token": _tokens(decode, at.token[layers, dims].tolist()),
+        "median_abs": median.numpy(), "ratio": (max_abs / median).numpy(),
+        "over_first": result.over_first[layers, dims].numpy(), "over_rest": result.over_rest[layers, dims].numpy(),
+        "massive": _is_massive(max_abs, median, min_value, min_ratio).numpy(),
+    })
 
 
 def _ranges(layers: list[int]) -> str:
@@ -190,16 +196,16 @@ def magnitude_table(example: MagnitudeExampleResult | None, decode) -> Tables:
     |value| over every other dim."""
     if example is None:
         return {}
-    n_layers, n_positions, n_dims = example.magnitude.shape
-    tokens = [decode([i]) for i in example.input_ids.tolist()]
-    rows = []
-    for layer in range(n_layers):
-        for position in range(n_positions):
-            values = example.magnitude[layer, position].tolist()
-            for dim, value in zip([*example.dims.tolist(), -1], [*values, example.rest_max[layer, position].item()]):
-                rows.append({"layer": layer, "position": position, "token": tokens[position], "dim": dim,
-                             "abs_value": value})
-    return {"massive_example": pd.DataFrame(rows)}
+    # [layer position dim], the dims in `example.dims` order and then -1
+    values = torch.cat([example.magnitude, example.rest_max[..., None]], dim=-1).double()
+    n_layers, n_positions, n_dims = values.shape
+    tokens = np.array(_tokens(decode, example.input_ids.tolist()), dtype=object)
+    position = np.tile(np.repeat(np.arange(n_positions), n_dims), n_layers)
+    return {"massive_example": pd.DataFrame({
+        "layer": np.repeat(np.arange(n_layers), n_positions * n_dims), "position": position,
+        "token": tokens[position], "dim": np.tile([*example.dims.tolist(), -1], n_layers * n_positions),
+        "abs_value": values.flatten().numpy(),
+    })}
 
 
 def replay(loaded: LoadedModel, windows: TokenWindows, options: MassiveOptions, captured: Capture,

@@ -267,8 +267,9 @@ class _MassiveState(PortableState):
             if layer == 0:  # each point arrives once a batch
                 self.tokens += batch.input_ids.numel()
             self.histogram[layer] += torch.bincount(_log_bins_of_abs(absx).flatten(), minlength=N_LOG_BINS)
-            self.over[layer, :, 0] += (absx[:, 0] > self.min_value).sum(0)
-            self.over[layer, :, 1] += (absx[:, 1:] > self.min_value).sum((0, 1))
+            # int32 sums: a bool reduction into int64 costs several times more
+            self.over[layer, :, 0] += (absx[:, 0] > self.min_value).sum(0, dtype=torch.int32)
+            self.over[layer, :, 1] += (absx[:, 1:] > self.min_value).sum((0, 1), dtype=torch.int32)
             self._fold_dim_max(layer, absx, batch)
             self._fold_top(layer, x, absx, batch)
 
@@ -288,11 +289,13 @@ class _MassiveState(PortableState):
     def _fold_top(self, layer: int, x: torch.Tensor, absx: torch.Tensor, batch: Batch) -> None:
         # The largest |x| of each (position, dim) over the batch's windows first: a pair
         # in the global top-k is then in the top-k of the batch where it peaks.
-        per_pair, row = absx.max(0)
+        per_pair = absx.amax(0)
         d = absx.shape[-1]
         value, flat = per_pair.flatten().topk(min(self.k, per_pair.numel()))
         pos, dim = flat // d, flat % d
-        win = row[pos, dim]
+        # The window of each chosen pair: its first where |x| reaches the pair's maximum
+        # (a reduction with indices over k pairs rather than over every pair).
+        win = (absx[:, pos, dim] == value).int().argmax(0)
         at = torch.stack([batch.windows[win], pos, dim, batch.input_ids[win, pos]], dim=-1)
         self._keep_top(layer, value.double(), x[win, pos, dim].double(), at)
 
@@ -442,12 +445,10 @@ class _ProjectionOutlierState(PortableState):
             for site, read in sites_of(point, self.inputs):
                 if site == 0 and point.layer == 0:  # each point arrives once a batch
                     self.tokens += batch.input_ids.numel()
-                # |x| >= t is x >= t or x <= -t, and max |x| is max(max x, -min x): no |x| to write.
-                x_in = read({point: x}, point.layer).flatten(0, 1)
-                self.counts[point.layer, site] += (x_in >= self.threshold).sum(0) + (x_in <= -self.threshold).sum(0)
-                low, high = x_in.aminmax(dim=0)
+                absx = abs_of(read({point: x}, point.layer)).flatten(0, 1)
+                self.counts[point.layer, site] += (absx >= self.threshold).sum(0, dtype=torch.int32)
                 self.max_abs[point.layer, site] = torch.maximum(self.max_abs[point.layer, site],
-                                                                torch.maximum(high, -low).double())
+                                                                absx.amax(0).double())
 
     def merge(self, other: "_ProjectionOutlierState") -> None:
         require_same(self, other, "threshold", "n_layers")
@@ -552,7 +553,10 @@ def attention_entropy(pattern: Float[torch.Tensor, "batch head pos pos"]) -> Flo
     Each term in float32 (within 1.2e-7 of its value: float64 logarithms cost several times
     more), summed in float64."""
     wide = pattern if pattern.dtype == torch.float64 else pattern.float()
-    return -torch.special.xlogy(wide, wide).sum(-1, dtype=torch.float64)
+    # a log a with log(0) clamped to a finite value, so 0 log 0 = 0: the vectorised log
+    # costs half of xlogy.
+    logs = wide.clamp_min(torch.finfo(wide.dtype).tiny).log_()
+    return -logs.mul_(wide).sum(-1, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
