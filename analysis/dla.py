@@ -26,7 +26,6 @@ import torch
 from layerscope.analysis.metric import Metric, Tables, View
 from layerscope.analysis.plots import COMPONENT_COLOURS, quoted_tokens, shown_token
 from layerscope.probes.capture import Capture, ProbeSpec
-from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.direct_logit import DirectLogitAttribution, DLAResult
 from layerscope.probes.zoo import LoadedModel
 

@@ -18,7 +18,6 @@ import torch
 
 from layerscope.analysis.metric import Metric, NoOptions, Tables
 from layerscope.probes.capture import Capture, ProbeSpec
-from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.outlier_reducers import KurtosisResult, TokenKurtosis
 from layerscope.probes.zoo import LoadedModel
 

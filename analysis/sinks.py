@@ -33,13 +33,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
 from plotly.subplots import make_subplots
 
 from layerscope.analysis.metric import Metric, Tables, View
 from layerscope.analysis.plots import integer_axis, shown_token
 from layerscope.probes.capture import Capture, ProbeSpec
-from layerscope.probes.corpus import TokenWindows
 from layerscope.probes.errors import UserError
 from layerscope.probes.examples import PatternExample, PatternExampleResult
 from layerscope.probes.outlier_reducers import AttentionSinks, AttentionSinksResult, ResidualSinks, ResidualSinksResult
