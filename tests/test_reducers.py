@@ -29,6 +29,19 @@ def test_moments_match_torch_var_and_norm(tiny_models):
     assert stats.max_abs[0].item() == everything.abs().max().item()
 
 
+def test_the_largest_abs_value_reached_twice_is_located_at_its_first_place(tiny_models):
+    # -5 at (row 1, position 0, dim 2) comes after +5 at (row 0, position 3, dim 6) in
+    # (window, position, dim) order, and a later batch reaching 5 again does not replace it.
+    x = torch.zeros(2, 4, 8)
+    x[1, 0, 2], x[0, 3, 6], x[1, 3, 1] = -5.0, 5.0, 5.0
+    state = ResidualMoments(kinds=("resid_post",)).start(tiny_models["llama"])
+    state.update({Point("resid_post", 0): x}, Batch(torch.arange(8).reshape(2, 4), None, 4))
+    state.update({Point("resid_post", 0): x.flip(0)}, Batch(torch.zeros(2, 4, dtype=torch.long), None, 6))
+    stats = state.result()["resid_post"]
+    assert stats.max_abs[0].item() == 5.0
+    assert stats.max_at.at(0) == (4, 3, 6, 3)
+
+
 def assert_same(a, b, where) -> None:
     """Equal tensors inside equal nested result dataclasses."""
     if dataclasses.is_dataclass(a):
