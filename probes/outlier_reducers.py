@@ -547,16 +547,25 @@ class _KurtosisState(PortableState):
 
 # ---------------------------------------------------------------- attention sinks
 
-def attention_entropy(pattern: Float[torch.Tensor, "batch head pos pos"]) -> Float[torch.Tensor, "batch head pos"]:
+def attention_entropy(pattern: Float[torch.Tensor, "batch head pos pos"], causal: bool = False
+                      ) -> Float[torch.Tensor, "batch head pos"]:
     """-sum_k A[t,k] log A[t,k] of each query's attention distribution, in nats.
 
     Each term in float32 (within 1.2e-7 of its value: float64 logarithms cost several times
-    more), summed in float64."""
+    more), summed in float64.  Under a causal mask the first half of the queries sees only
+    the first half of the keys, so the zeros beyond are not visited."""
     wide = pattern if pattern.dtype == torch.float64 else pattern.float()
+    if causal and wide.shape[-1] > 1:
+        half = wide.shape[-1] // 2
+        return torch.cat([_entropy(wide[..., :half, :half]), _entropy(wide[..., half:, :])], dim=-1)
+    return _entropy(wide)
+
+
+def _entropy(pattern: torch.Tensor) -> torch.Tensor:
     # a log a with log(0) clamped to a finite value, so 0 log 0 = 0: the vectorised log
     # costs half of xlogy.
-    logs = wide.clamp_min(torch.finfo(wide.dtype).tiny).log_()
-    return -logs.mul_(wide).sum(-1, dtype=torch.float64)
+    logs = pattern.clamp_min(torch.finfo(pattern.dtype).tiny).log_()
+    return -logs.mul_(pattern).sum(-1, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -631,7 +640,7 @@ class _SinkState(PortableState):
             mass = x.sum(2, dtype=torch.float64)  # [batch head key]
             self.key_mass[layer] += mass.sum(0)
             self.sink_windows[layer] += (mass[..., 0] / self._queries_seeing(t)[0] > self.eps).sum(0)
-            self.entropy[layer] += attention_entropy(x)[:, :, 1:].sum((0, 2))
+            self.entropy[layer] += attention_entropy(x, self.causal)[:, :, 1:].sum((0, 2))
 
     def _check_length(self, t: int) -> None:
         if self.key_mass is not None and t != self.length:

@@ -12,6 +12,7 @@ from layerscope.probes.outlier_reducers import (
     MassiveActivations,
     ProjectionOutliers,
     TokenKurtosis,
+    attention_entropy,
     log_bins,
     log_histogram_quantile,
     projection_inputs,
@@ -101,3 +102,16 @@ def _tensors(result):
     elif dataclasses.is_dataclass(result):
         for field in dataclasses.fields(result):
             yield from _tensors(getattr(result, field.name))
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_entropy_matches_float64_xlogy(length, causal):
+    generator = torch.Generator().manual_seed(length)
+    scores = torch.randn(2, 3, length, length, generator=generator) * 3
+    if causal:
+        scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    pattern = torch.softmax(scores, dim=-1)
+    wide = pattern.double()
+    expected = -torch.special.xlogy(wide, wide).sum(-1)
+    torch.testing.assert_close(attention_entropy(pattern, causal), expected, rtol=0, atol=1e-6)
