@@ -15,6 +15,19 @@ from layerscope.probes.errors import UserError
 OVERLAYABLE = {"scatter", "scattergl", "bar"}
 
 
+def measurements_of(run: dict) -> set[str]:
+    """The measurements a row of the run list holds (a survey holds several)."""
+    return set(run.get("metrics") or [run["metric"]])
+
+
+def partner_run(runs: list[dict], first: str) -> str | None:
+    """The run Compare puts beside `first` unless told otherwise: the first other run in
+    `runs` (the run list, newest first) that shares a measurement with it; None if none does."""
+    chosen = next(run for run in runs if run["run_id"] == first)
+    return next((run["run_id"] for run in runs
+                 if run["run_id"] != first and measurements_of(run) & measurements_of(chosen)), None)
+
+
 def can_overlay(first: go.Figure, second: go.Figure) -> bool:
     return all(trace.type in OVERLAYABLE for trace in (*first.data, *second.data))
 

@@ -4,7 +4,7 @@ their tables: a chosen numeric column, second run minus first, row against match
 
 import streamlit as st
 
-from layerscope.analysis.overlay import can_overlay, difference, difference_figure, overlay
+from layerscope.analysis.overlay import can_overlay, difference, difference_figure, overlay, partner_run
 from layerscope.analysis.plots import themed
 from layerscope.analysis.report import PLOT_CONFIG
 from layerscope.app import ui
@@ -21,7 +21,14 @@ labels = {row["run_id"]: f"{row['model']} · {row['metric']} · {row['run_id']}"
 ids = list(labels)
 columns = st.columns(2)
 first = columns[0].selectbox("first run", ids, index=0, format_func=labels.get, key="compare_first")
-second = columns[1].selectbox("second run", ids, index=1, format_func=labels.get, key="compare_second")
+partner = partner_run(runs, first)
+others = [run_id for run_id in ids if run_id != first]
+# One choice of second run per first run, so that picking another first run offers its own partner.
+second = columns[1].selectbox("second run", others, index=others.index(partner) if partner else 0,
+                              format_func=labels.get, key=f"compare_second.{first}")
+if partner is None:
+    st.info(f"No other run shares a measurement with {labels[first]}: measure one of its measurements on "
+            "another model or with other settings to compare.")
 
 
 def show_difference(name: str, first_run: tuple, second_run: tuple, first_label: str, second_label: str) -> None:

@@ -164,7 +164,8 @@ def test_compare_overlays_two_models_and_draws_their_difference(store):
     assert any(n.endswith("· tiny-llama") for n in names) and any(n.endswith("· tiny-gpt2") for n in names)
 
     # The difference view: the second run's column minus the first's, layer by layer.
-    runs = {at.selectbox(key=k).value: k for k in ("compare_first", "compare_second")}
+    first_id = at.selectbox(key="compare_first").value
+    runs = (first_id, at.selectbox(key=f"compare_second.{first_id}").value)
     first, second = (load_run(run_id, store)[1]["residual_stats"] for run_id in runs)
     table = at.selectbox(key="compare.diff.residual-stats.table")
     column = at.selectbox(key="compare.diff.residual-stats.residual_stats.column")
@@ -183,6 +184,20 @@ def test_compare_overlays_two_models_and_draws_their_difference(store):
     post = next(trace for trace in charts(at)[1]["data"] if trace["name"] == "resid_post")
     np.testing.assert_allclose(_array(post["y"]), expected("max_abs").loc[_array(post["x"])].to_numpy(), rtol=1e-12)
     assert at.dataframe[-1].value.columns[:2].tolist() == ["point", "layer"]
+
+
+def test_compare_pairs_the_newest_run_with_one_that_shares_its_measurement(store):
+    # Newest first: residual-stats on tiny-gpt2, block-influence, residual-stats on tiny-llama.
+    for page, model in (("residual-stats", "tiny-llama"), ("block-influence", "tiny-llama"),
+                        ("residual-stats", "tiny-gpt2")):
+        open_app(page, model_choice=model).button(key=f"{page}.run").click().run()
+    at = open_app("page_compare.py")
+    assert_clean(at)
+    first = at.selectbox(key="compare_first").value
+    second = at.selectbox(key=f"compare_second.{first}").value
+    assert [load_run(run_id, store)[0]["metric"] for run_id in (first, second)] == ["residual-stats"] * 2
+    assert not at.warning
+    assert len(charts(at)) == 2  # the overlay and the difference
 
 
 def test_compare_asks_for_two_runs():

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from layerscope.analysis.overlay import difference, difference_figure, row_keys
+from layerscope.analysis.overlay import difference, difference_figure, partner_run, row_keys
 from layerscope.probes.errors import UserError
 
 
@@ -58,3 +58,13 @@ def test_the_difference_figure_draws_one_line_per_method_against_the_count():
                                         pd.DataFrame({"site": ["attn", "mlp"], "k": [1.0, 1.0]})), "k", "k")
     assert bars.data[0].type == "bar" and list(bars.data[0].x) == ["attn", "mlp"]
     np.testing.assert_allclose(bars.data[0].y, [-2.0, -3.0])
+
+
+def test_the_default_partner_is_the_first_other_run_sharing_a_measurement():
+    runs = [{"run_id": "c", "metric": "residual-stats"}, {"run_id": "b", "metric": "block-influence"},
+            {"run_id": "s", "metric": "survey", "metrics": ["massive", "block-influence"]},
+            {"run_id": "a", "metric": "residual-stats"}]
+    assert partner_run(runs, "c") == "a"
+    assert partner_run(runs, "b") == "s"
+    assert partner_run(runs, "s") == "b"
+    assert partner_run([{"run_id": "x", "metric": "massive"}, {"run_id": "y", "metric": "sinks"}], "x") is None
