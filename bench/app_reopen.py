@@ -10,6 +10,7 @@ The replay measurements (layer-skip, prune-curve) take minutes on SmolLM2 on two
 and are left out unless `--replays`.  Exits 1 if an in-app median is 1 s or more.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/app_reopen.py [--model smollm2-135m] [--repeats 5] [--replays]
+        [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--replays", action="store_true", help="also the replay measurements")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="these measurements' pages alone")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
 
@@ -48,7 +50,10 @@ def main() -> int:
 
     if known_model_names()[0] != args.model:
         raise SystemExit(f"the app opens on {known_model_names()[0]}; a page opened by its address shows that model")
-    names = [n for n, m in METRICS.items() if args.replays or m.kind != "replay"]
+    names = args.only or [n for n, m in METRICS.items() if args.replays or m.kind != "replay"]
+    unknown = sorted(set(names) - set(METRICS))
+    if unknown:
+        raise SystemExit(f"unknown measurements: {', '.join(unknown)}")
     work = Path(tempfile.mkdtemp(prefix="layerscope-bench-reopen-"))
     settings = AppSettings(work / "runs", (work,))
     corpus = corpus_choice("text", SAMPLE_TEXT, "", 0, 0, settings)
@@ -133,7 +138,9 @@ def main() -> int:
     finally:
         stop_app(server)
     left_out = [n for n in METRICS if n not in names]
-    if left_out:
+    if args.only:
+        section.notes.append(f"only these pages were opened: {', '.join(names)}")
+    elif left_out:
         section.notes.append(f"left out (replays, minutes on {args.model}): {', '.join(left_out)}")
     if slow:
         section.notes.append(f"over the limit: {', '.join(slow)}")
