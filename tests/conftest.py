@@ -19,12 +19,22 @@ install_import_hook(["layerscope"], "shape_checking.typechecked")
 
 from layerscope.probes.zoo import TINY_FAMILIES, load_model  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests on tiny models run on one thread: their matrices are too small to split, so a
+# second thread only adds a wait at every op, and that wait is long whenever the other core
+# is busy (the app server and Chromium in the browser tests, another job on the machine).
+# Tests on real weights get two.
+REAL_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
 def pytest_configure(config):
     # beartype's notes that typing.Callable and typing.Iterator are deprecated aliases
     config.addinivalue_line("filterwarnings", "ignore::beartype.roar.BeartypeDecorHintPep585DeprecationWarning")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # before the test's fixtures, so that a real model's module fixtures get two threads too
+    torch.set_num_threads(REAL_THREADS if item.get_closest_marker("real") else 1)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +50,7 @@ def smollm2():
 
 @pytest.fixture
 def one_thread():
-    """Tiny models train faster on one thread, and on a shared machine the second core is busy."""
+    """One thread for a test on real weights that a busy second core would slow more than it helps."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

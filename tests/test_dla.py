@@ -15,9 +15,6 @@ from layerscope.probes.zoo import load_model
 CAUSAL = ["gpt2", "llama", "gemma", "gpt-neox"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _windows(loaded, tokens=256):
     return token_windows(CorpusSpec("stdlib", seq_len=32, max_tokens=tokens, batch_size=4),
                          loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
@@ -26,8 +23,6 @@ def _windows(loaded, tokens=256):
 @pytest.fixture(scope="module")
 def norm_free():
     """Each causal tiny family with every norm removed by a short fine-tune."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     models = {}
     for family in CAUSAL:
         loaded = load_model(f"tiny-{family}")
@@ -35,7 +30,6 @@ def norm_free():
         fine_tune(loaded, train, evaluation, RemovalConfig(steps=16, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1,
                                                            lr=1e-3, lr_warmup=2))
         models[family] = loaded
-    torch.set_num_threads(before)
     return models
 
 

@@ -23,9 +23,6 @@ FAST = RemovalConfig(steps=16, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_fina
 SMALL_DATA = RemovalData(seq_len=32, batch_size=4, train_tokens=2048, eval_tokens=512)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _removed(family: str, config: RemovalConfig = FAST, **kwargs):
     loaded = load_model(f"tiny-{family}")
     train, evaluation = SMALL_DATA.windows(loaded)
@@ -230,13 +227,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def trained_llama():
     """tiny-llama made a language model of the default corpus by a short fine-tune, so its
     norms carry something; with its train and evaluation windows."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     loaded = load_model("tiny-llama")
     data = RemovalData(seq_len=64, batch_size=8, train_tokens=32768, eval_tokens=4096)
     train, evaluation = data.windows(loaded)
     trained = fine_tune(loaded, train, evaluation, RemovalConfig(steps=150, lr=3e-3, lr_warmup=10), remove=False)
-    torch.set_num_threads(before)
     assert trained.eval_after < trained.eval_before - 2
     return loaded, train, evaluation, trained.eval_after
 

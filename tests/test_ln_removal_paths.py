@@ -18,8 +18,6 @@ from layerscope.probes.ln_removal import (RemovalConfig, RemovalData, RemovalOpt
                                           remove_norms)
 from layerscope.probes.zoo import FROZEN_NORMS_FILE, load_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 FAST = RemovalConfig(steps=16, start=1, gap_mlp=1, gap_attn=1, gap_v=1, gap_final=1, lr=1e-3, lr_warmup=2)
 SMALL_DATA = RemovalData(seq_len=32, batch_size=4, train_tokens=1024, eval_tokens=256)
 TINY_ARGS = ["--seq-len", "32", "--batch-size", "4", "--train-tokens", "1024", "--eval-tokens", "256",

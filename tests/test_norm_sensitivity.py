@@ -14,8 +14,6 @@ from layerscope.probes.families import get_module
 from layerscope.probes.interventions import swap_module
 from layerscope.probes.zoo import load_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _with_embedding_norms(row_norms) -> object:
     """tiny-llama whose embedding rows have the given norms (a function of the token id):
