@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from layerscope.probes import corpus
 from layerscope.probes.corpus import (CorpusSpec, _parse_stdlib_docstrings, documents, stdlib_docstrings,
                                       token_windows)
 from layerscope.probes.errors import UserError
@@ -83,16 +84,22 @@ def test_bad_window_settings(tokenizer, spec, message):
 
 def test_stdlib_docstrings_cache_equals_a_fresh_parse_and_survives_corruption(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERSCOPE_CACHE", str(tmp_path))
-    parsed = _parse_stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"]))
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parsed = _parse_stdlib_docstrings(root)
+    # The stdlib is parsed once here; stdlib_docstrings gets that parse, counted, so the
+    # test also sees when it parses and when it reads its file.
+    parses = []
+    monkeypatch.setattr(corpus, "_parse_stdlib_docstrings", lambda where: parses.append(where) or parsed)
     stdlib_docstrings.cache_clear()
     try:
-        assert stdlib_docstrings() == parsed
+        assert stdlib_docstrings() == parsed and parses == [root]
         (cached,) = (tmp_path / "corpus").iterdir()
+        assert json.loads(cached.read_text()) == list(parsed)
         stdlib_docstrings.cache_clear()
-        assert stdlib_docstrings() == parsed  # read back from the file
+        assert stdlib_docstrings() == parsed and parses == [root]  # read back from the file
         cached.write_text("{not json")
         stdlib_docstrings.cache_clear()
-        assert stdlib_docstrings() == parsed
+        assert stdlib_docstrings() == parsed and parses == [root, root]
         assert json.loads(cached.read_text()) == list(parsed)
     finally:
         stdlib_docstrings.cache_clear()
