@@ -559,14 +559,15 @@ def list_runs(root: Path | str = DEFAULT_ROOT) -> list[dict]:
     return [_describe(folder) for folder in folders if folder.is_dir() and _is_run_folder(folder)]
 
 
-def _newest_first(rows: list[dict]) -> list[dict]:
+def newest_first(rows: list[dict]) -> list[dict]:
+    """Rows of `list_runs`, the newest first (by creation time, to the microsecond)."""
     return sorted(rows, key=lambda row: row.get("created") or "", reverse=True)
 
 
 def runs_with_key(key: str, root: Path | str = DEFAULT_ROOT) -> list[dict]:
     """The rows of every run stored under `key` whose manifest can be read, newest first:
     complete ones, and those whose tables were damaged after they were written."""
-    return _newest_first([row for row in list_runs(root) if row.get("key") == key])
+    return newest_first([row for row in list_runs(root) if row.get("key") == key])
 
 
 def find_run(key: str, root: Path | str = DEFAULT_ROOT) -> str | None:
@@ -580,7 +581,7 @@ def latest_run(root: Path | str = DEFAULT_ROOT) -> str:
     complete = [row for row in list_runs(root) if row["status"] == COMPLETE]
     if not complete:
         raise UserError(f"no complete run in {root}")
-    return _newest_first(complete)[0]["run_id"]
+    return newest_first(complete)[0]["run_id"]
 
 
 LATEST = "latest"
@@ -596,7 +597,7 @@ def load_latest(root: Path | str = DEFAULT_ROOT) -> tuple[str, dict, dict[str, p
     """The newest run that loads, with its manifest and tables, and one line for each newer
     run skipped because it could not be read."""
     skipped = []
-    for row in _newest_first([row for row in list_runs(root) if row["status"] == COMPLETE]):
+    for row in newest_first([row for row in list_runs(root) if row["status"] == COMPLETE]):
         try:
             manifest, tables = load_run(row["run_id"], root)
         except UserError as err:

@@ -16,7 +16,7 @@ import streamlit as st
 from layerscope.analysis.metric import Metric
 from layerscope.analysis.registry import DRAWN, METRICS
 from layerscope.analysis.report import PLOT_CONFIG, run_figures
-from layerscope.analysis.store import list_runs, load_run
+from layerscope.analysis.store import list_runs, load_run, newest_first
 from layerscope.app.workbench import CORPUS_KINDS, AppSettings, CorpusChoice, checked_model_name, corpus_choice
 from layerscope.probes.backends import BACKENDS
 from layerscope.probes.corpus import CorpusSpec
@@ -148,9 +148,9 @@ def cached_figures(root: Path, run_id: str) -> list[tuple[str, list, list[str], 
 
 
 def complete_runs() -> list[dict]:
-    """The complete runs of the store; none, with the reason shown, when it cannot be read."""
+    """The complete runs of the store, newest first; none, with the reason shown, when it cannot be read."""
     try:
-        return [row for row in list_runs(settings().runs_dir) if row["status"] == "complete"]
+        return newest_first([row for row in list_runs(settings().runs_dir) if row["status"] == "complete"])
     except UserError as err:
         st.error(str(err))
         return []

@@ -11,6 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from streamlit.util import calc_hash
 
+import layerscope.analysis.store as store_module
 import layerscope.app
 from layerscope.analysis.plots import shown_token
 from layerscope.analysis.registry import METRICS
@@ -186,8 +187,11 @@ def test_compare_overlays_two_models_and_draws_their_difference(store):
     assert at.dataframe[-1].value.columns[:2].tolist() == ["point", "layer"]
 
 
-def test_compare_pairs_the_newest_run_with_one_that_shares_its_measurement(store):
+def test_compare_pairs_the_newest_run_with_one_that_shares_its_measurement(store, monkeypatch):
     # Newest first: residual-stats on tiny-gpt2, block-influence, residual-stats on tiny-llama.
+    # All three ids carry one second's stamp, as on a fast machine, so that their names'
+    # order (block-influence first) differs from their creation order.
+    monkeypatch.setattr(store_module.time, "strftime", lambda pattern: "20260101-000000")
     for page, model in (("residual-stats", "tiny-llama"), ("block-influence", "tiny-llama"),
                         ("residual-stats", "tiny-gpt2")):
         open_app(page, model_choice=model).button(key=f"{page}.run").click().run()
