@@ -24,6 +24,9 @@ from layerscope.probes.errors import UserError
 from layerscope.probes.zoo import LoadedModel, known_model_names, load_model
 
 OTHER_MODEL = "other: local folder or Hub id"
+# The page ships every shown row to the browser on each rerun, even inside a closed
+# expander; the sinks' attention patterns alone reach 10^5 rows.
+MAX_SHOWN_ROWS = 5_000
 SAMPLE_TEXT = ("The residual stream carries each token through the layers of a transformer. "
                "Some blocks rewrite it, and others barely touch it, so they could be skipped.")
 
@@ -277,7 +280,7 @@ def _shown_tables(manifest: dict, name: str, tables: dict[str, pd.DataFrame]) ->
         return mine
 
 
-def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
+def show_run(root: Path, run_id: str) -> None:
     """Every figure of a stored run, its pictures at a chosen point, its findings, and
     beside them the tables each measurement displays."""
     manifest, tables = cached_run(root, run_id)
@@ -297,7 +300,9 @@ def show_run(root: Path, run_id: str, with_tables: bool = True) -> None:
             show_views(root, run_id, name, tables)
         for line in findings:
             st.markdown(f"- {line}")
-        if with_tables:
-            for table_name, table in _shown_tables(manifest, name, tables).items():
-                with st.expander(f"table: {table_name} ({len(table)} rows)"):
-                    st.dataframe(table, hide_index=True)
+        for table_name, table in _shown_tables(manifest, name, tables).items():
+            with st.expander(f"table: {table_name} ({len(table):,} rows)"):
+                if len(table) > MAX_SHOWN_ROWS:
+                    st.caption(f"The first {MAX_SHOWN_ROWS:,} rows. The whole table: "
+                               f"`layerscope runs export {run_id} --runs-dir {root}` writes every table as CSV.")
+                st.dataframe(table.head(MAX_SHOWN_ROWS), hide_index=True)

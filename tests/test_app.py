@@ -7,12 +7,14 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 from streamlit.util import calc_hash
 
 import layerscope.analysis.store as store_module
 import layerscope.app
+import layerscope.app.ui
 from layerscope.analysis.plots import shown_token
 from layerscope.analysis.registry import METRICS
 from layerscope.analysis.store import list_runs, load_run
@@ -185,6 +187,23 @@ def test_compare_overlays_two_models_and_draws_their_difference(store):
     post = next(trace for trace in charts(at)[1]["data"] if trace["name"] == "resid_post")
     np.testing.assert_allclose(_array(post["y"]), expected("max_abs").loc[_array(post["x"])].to_numpy(), rtol=1e-12)
     assert at.dataframe[-1].value.columns[:2].tolist() == ["point", "layer"]
+
+
+def test_long_tables_show_their_first_rows_and_say_how_to_get_the_rest(store, monkeypatch):
+    monkeypatch.setattr(layerscope.app.ui, "MAX_SHOWN_ROWS", 3)
+    at = open_app("residual-stats")
+    at.button(key="residual-stats.run").click().run()
+    assert_clean(at)
+    [run] = list_runs(store)
+    _, tables = load_run(run["run_id"], store)
+    shown = METRICS["residual-stats"].display(tables)
+    assert [len(frame.value) for frame in at.dataframe] == [min(3, len(table)) for table in shown.values()]
+    pd.testing.assert_frame_equal(at.dataframe[0].value.reset_index(drop=True),
+                                  next(iter(shown.values())).head(3).reset_index(drop=True))
+    long_tables = sum(len(table) > 3 for table in shown.values())
+    assert long_tables >= 1
+    exports = [c.value for c in at.caption if f"layerscope runs export {run['run_id']}" in c.value]
+    assert len(exports) == long_tables
 
 
 def test_compare_pairs_the_newest_run_with_one_that_shares_its_measurement(store, monkeypatch):
