@@ -123,16 +123,18 @@ def _pre_writer(write):
 
 class FrozenNorm(torch.nn.Module):
     """A norm whose per-token scale is a fixed number: `(x - mean)/s * w + b` for LayerNorm,
-    `x/s * w` for RMSNorm.  With `first_scale`, position 0 gets its own scale, since the
-    sink token's norm is far from the others'."""
+    `x/s * w` for RMSNorm.  With `first_scale`, the first `first_positions` positions (the
+    BOS/sink token, by default alone) get their own scale, since a sink token's norm is far
+    from the others'."""
 
     def __init__(self, norm: torch.nn.Module, kind: str, scale: float, first_scale: float | None = None,
-                 weight_offset: float = 0.0):
+                 weight_offset: float = 0.0, first_positions: int = 1):
         super().__init__()
         self.kind = kind
         self.weight = norm.weight
         self.bias = getattr(norm, "bias", None)
         self.weight_offset = weight_offset
+        self.first_positions = first_positions
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("first_scale", torch.tensor(float(first_scale if first_scale is not None else scale)))
 
@@ -142,7 +144,7 @@ class FrozenNorm(torch.nn.Module):
         # Positions are the second-to-last axis, also for the [batch head pos d_head] input of
         # a query/key norm.
         scale = self.scale.expand(x.shape[-2]).clone()
-        scale[0] = self.first_scale
+        scale[:self.first_positions] = self.first_scale
         out = x / scale[:, None].to(x.dtype) * (self.weight + self.weight_offset)
         return out + self.bias if self.bias is not None else out
 

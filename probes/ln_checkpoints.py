@@ -209,7 +209,8 @@ def save_norm_free(loaded: LoadedModel, target: Path, provenance: dict) -> Path:
     if not frozen:
         raise UserError("the model has no frozen norm to save")
     entries = [{"path": path, "kind": m.kind, "scale": float(m.scale), "first_scale": float(m.first_scale),
-                "weight_offset": m.weight_offset} for path, m in frozen.items()]
+                "first_positions": m.first_positions, "weight_offset": m.weight_offset}
+               for path, m in frozen.items()]
     target = Path(target)
     check_replaceable_model_folder(target, "the norm-free model folder")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -271,8 +272,12 @@ def restore_frozen_norms(model: torch.nn.Module, spec_file: Path) -> None:
                 raise ValueError(f"the scales and offset of {entry['path']!r} must be finite numbers")
             if not (entry["scale"] > 0 and entry["first_scale"] > 0) or entry["kind"] not in ("layernorm", "rmsnorm"):
                 raise ValueError(f"{entry['path']!r} needs positive scales and a kind of layernorm or rmsnorm")
+            # Files written before sink positions existed gave position 0 alone its scale.
+            first_positions = entry.get("first_positions", 1)
+            if type(first_positions) is not int or not 1 <= first_positions <= 64:
+                raise ValueError(f"first_positions of {entry['path']!r} must be an integer in 1..64")
             norm = get_module(model, entry["path"])
             swap_module(model, entry["path"], FrozenNorm(norm, entry["kind"], entry["scale"], entry["first_scale"],
-                                                         entry["weight_offset"]))
+                                                         entry["weight_offset"], first_positions))
     except (OSError, ValueError, KeyError, AttributeError, IndexError, TypeError, RecursionError) as err:
         raise UserError(f"{spec_file} does not describe this model's norms: {err}") from None

@@ -57,9 +57,15 @@ class RemovalConfig:
     momentum: float = field(default=0.9, metadata={"help": "running-average momentum of each norm's scale"})
     shared_first_scale: bool = field(default=False, metadata={
         "help": "freeze one scale for every position (default: position 0, the BOS/sink token, gets its own)"})
+    sink_positions: int = field(default=1, metadata={
+        "help": "leading positions that share position 0's own frozen scale: 2 also treats the token "
+                "after BOS as a sink, for models that sometimes put a massive activation there "
+                "(SmolLM2 does)", "min": 1, "max": 64})
     seed: int = field(default=0, metadata={"help": "seed of the batch order and of the masked-token draws"})
 
     def __post_init__(self):
+        if not 1 <= self.sink_positions <= 64:
+            raise UserError(f"sink_positions must be in 1..64, got {self.sink_positions}")
         for name in ("steps", "gap_mlp", "gap_attn", "gap_v", "gap_final"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -129,11 +129,12 @@ def make_optimizer(model: torch.nn.Module, config: RemovalConfig) -> torch.optim
                               {"params": rest, "weight_decay": 0.0}], lr=config.lr)
 
 
-def aux_std_loss(x: Float[torch.Tensor, "batch pos d_model"], kind: str, skip_first: bool) -> torch.Tensor:
-    """Mean squared relative deviation of each token's std from the batch mean std: small
-    when a frozen final norm's one scale fits every token."""
+def aux_std_loss(x: Float[torch.Tensor, "batch pos d_model"], kind: str, skip: int) -> torch.Tensor:
+    """Mean squared relative deviation of each token's std from the batch mean std, over the
+    positions after the first `skip`: small when a frozen final norm's one scale fits every
+    such token."""
     s = token_scale(x.float(), kind, 0.0)
-    s = s[:, 1:] if skip_first and s.shape[1] > 1 else s
+    s = s[:, skip:] if s.shape[1] > skip else s
     return ((s / s.mean()) - 1).square().mean()
 
 
@@ -204,7 +205,8 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
     loss_kind = resolved_loss(model, config, remove)
     if loss_kind == "distill" and teacher is None:
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
-    wrapped = wrap_norms(loaded, config.momentum, split_value=config.split_value) if remove else {}
+    wrapped = wrap_norms(loaded, config.momentum, split_value=config.split_value,
+                         first_positions=config.sink_positions) if remove else {}
     sites = [w.site for w in wrapped.values()]
     events = removal_schedule(sites, config, order if config.order == "sensitivity" else None,
                               value_split_roles(loaded, sites) if config.split_value else frozenset()) if remove else []
@@ -267,7 +269,8 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
                 else:
                     loss, _ = token_loss(loaded, ids, config.seed * 7919 + step)
                     ce, objective = loss, loss
-            aux = aux_std_loss(captured.pop("x"), loaded.adapter.norm_kind, not config.shared_first_scale) \
+            aux = aux_std_loss(captured.pop("x"), loaded.adapter.norm_kind,
+                               0 if config.shared_first_scale else config.sink_positions) \
                 if hook is not None else torch.zeros(())
             total = objective + config.aux_weight * aux
             if not torch.isfinite(total):
@@ -318,7 +321,7 @@ def remove_without_finetuning(loaded: LoadedModel, train: TokenWindows, evaluati
     """The control with no training: measure every norm's mean scale on training batches
     with all real norms in place, freeze them all at once, and evaluate.  The model is
     left as it was."""
-    wrapped = wrap_norms(loaded, momentum=None)
+    wrapped = wrap_norms(loaded, momentum=None, first_positions=config.sink_positions)
     try:
         with tracking(wrapped):
             for step in range(min(calibration_batches, max(1, len(train)))):

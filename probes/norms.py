@@ -92,11 +92,11 @@ def token_scale(x: Float[torch.Tensor, "*tokens d"], kind: NormKind, eps: float)
 
 def applied_scale(module: torch.nn.Module, x: Float[torch.Tensor, "batch pos d_model"]
                   ) -> Float[torch.Tensor, "batch pos"]:
-    """The scale `module` divides each token of `x` by: fixed for a frozen norm (position
-    0 may have its own), computed from `x` for a real one."""
+    """The scale `module` divides each token of `x` by: fixed for a frozen norm (its first
+    positions may have their own), computed from `x` for a real one."""
     if isinstance(module, FrozenNorm) and not getattr(module, "live", False):
         scale = module.scale.to(x.dtype).expand(x.shape[:-1]).clone()
-        scale[..., 0] = module.first_scale
+        scale[..., :module.first_positions] = module.first_scale
         return scale
     real = getattr(module, "real", module)
     return token_scale(x, norm_kind(real), norm_eps(real))
@@ -127,19 +127,21 @@ def require_norms(loaded: LoadedModel) -> list[NormSite]:
 
 class RemovableNorm(FrozenNorm):
     """A norm that is the real one until frozen, keeping a running average of its
-    per-token scale meanwhile (position 0, the other positions, and all positions apart).
+    per-token scale meanwhile (position 0, the positions after the first
+    `first_positions`, and all positions apart).
 
     Live, the output is the wrapped norm's own forward, bit for bit.  Freezing follows
     Baroni et al. (2025): `freeze("all")` divides every position but 0 by the average over
     the other positions; `freeze("qk")` does so only on the query/key path, while the value
     projection (hooked by `wrap_norms`) still reads the real norm's output until
-    `freeze("v")`; position 0 (the BOS token) keeps its real scale, still averaged, until
-    `freeze("first")` fixes it too.  The wrapped module is held outside the module tree, so
-    each weight appears once in parameters and state dicts.
+    `freeze("v")`; the first `first_positions` positions (the BOS token, and with 2 the
+    token after it, which some models also make a sink) keep their real scale, still
+    averaged, until `freeze("first")` fixes them at position 0's.  The wrapped module is
+    held outside the module tree, so each weight appears once in parameters and state dicts.
     """
 
-    def __init__(self, norm: torch.nn.Module, site: NormSite, momentum: float | None):
-        super().__init__(norm, site.kind, 1.0, None, site.weight_offset)
+    def __init__(self, norm: torch.nn.Module, site: NormSite, momentum: float | None, first_positions: int = 1):
+        super().__init__(norm, site.kind, 1.0, None, site.weight_offset, first_positions)
         object.__setattr__(self, "real", norm)
         self.site = site
         self.eps = site.eps
@@ -167,7 +169,8 @@ class RemovableNorm(FrozenNorm):
         if bool(self.first_live):
             if self.tracking:
                 self._observe(x.detach())
-            out = torch.cat([self.real(x[..., :1, :]), out[..., 1:, :]], dim=-2)
+            k = self.first_positions
+            out = torch.cat([self.real(x[..., :k, :]), out[..., k:, :]], dim=-2)
         if bool(self.value_live):
             self.pending_value = self.real(x)
         return out
@@ -175,7 +178,7 @@ class RemovableNorm(FrozenNorm):
     @torch.no_grad()
     def _observe(self, x: Float[torch.Tensor, "batch pos d_model"]) -> None:
         s = token_scale(x.float(), self.kind, self.eps)
-        rest = s[..., 1:] if s.shape[-1] > 1 else s
+        rest = s[..., self.first_positions:] if s.shape[-1] > self.first_positions else s
         batch = torch.stack([s[..., 0].mean(), rest.mean(), s.mean()]).double()
         self.updates += 1
         if self.updates == 1:
@@ -188,8 +191,9 @@ class RemovableNorm(FrozenNorm):
     def freeze(self, shared_first_scale: bool, part: str = "whole") -> None:
         """Fix the scale of `part`: "whole" (every path and position), "all" (every path,
         position 0 still live), "qk" (the query/key path), "v" (the value path) or "first"
-        (position 0).  Non-first positions are frozen at their average (Baroni et al.'s
-        non-BOS average), or at the average over all positions with `shared_first_scale`."""
+        (the first positions, at position 0's average).  The other positions are frozen at
+        their average (Baroni et al.'s non-BOS average), or at the average over all positions
+        with `shared_first_scale`."""
         if int(self.updates) == 0:
             raise RuntimeError("a norm was frozen before its scale was measured")
         first, rest, every = self.average.tolist()
@@ -231,12 +235,13 @@ def value_split_roles(loaded: LoadedModel, sites: list[NormSite]) -> frozenset[s
     return frozenset(s.role for s in sites if value_projection(loaded, s) is not None)
 
 
-def wrap_norms(loaded: LoadedModel, momentum: float | None, split_value: bool = False) -> dict[str, RemovableNorm]:
+def wrap_norms(loaded: LoadedModel, momentum: float | None, split_value: bool = False,
+               first_positions: int = 1) -> dict[str, RemovableNorm]:
     """Replace every real norm by a live `RemovableNorm` (same output); role -> wrapper.
     With `split_value`, each pre-attention norm's value path can be frozen apart."""
     wrapped = {}
     for site in require_norms(loaded):
-        wrapper = RemovableNorm(get_module(loaded.model, site.path), site, momentum)
+        wrapper = RemovableNorm(get_module(loaded.model, site.path), site, momentum, first_positions)
         swap_module(loaded.model, site.path, wrapper)
         value = value_projection(loaded, site) if split_value else None
         if value is not None:
@@ -266,7 +271,9 @@ def tracking(wrapped: dict[str, RemovableNorm]) -> Iterator[None]:
 
 
 def frozen_scales(wrapped: dict[str, RemovableNorm]) -> list[dict]:
-    """role, path, kind, scale, first_scale and weight_offset of every frozen wrapper."""
+    """role, path, kind, scale, first_scale, first_positions and weight_offset of every
+    frozen wrapper."""
     return [{"role": role, "path": w.site.path, "kind": w.kind, "scale": float(w.scale),
-             "first_scale": float(w.first_scale), "weight_offset": w.weight_offset}
+             "first_scale": float(w.first_scale), "first_positions": w.first_positions,
+             "weight_offset": w.weight_offset}
             for role, w in wrapped.items() if not w.live]

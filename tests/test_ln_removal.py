@@ -71,6 +71,53 @@ def test_running_average_and_freeze_use_position_zero_apart():
     assert fake.first_scale.item() == fake.scale.item()
 
 
+def test_two_sink_positions_stay_live_then_share_position_zeros_scale():
+    """With `first_positions=2` the token after BOS is a sink too: left out of the other
+    positions' average, real until "first" is frozen, then divided by position 0's scale."""
+    loaded = load_model("tiny-llama")
+    site = norm_sites(loaded)[0]
+    real = get_module(loaded.model, site.path)
+    fake = RemovableNorm(real, site, momentum=None, first_positions=2)
+    fake.tracking = True
+    # Position 1 is massive in one window only, as SmolLM2's sometimes is.
+    x = torch.randn(2, 5, loaded.d_model, generator=torch.Generator().manual_seed(5))
+    x = x * torch.tensor([[30.0, 1, 1, 1, 1], [30.0, 25, 1, 1, 1]])[..., None]
+    fake(x)
+    true = token_scale(x, site.kind, site.eps)
+    fake.freeze(shared_first_scale=False, part="all")
+    assert fake.scale.item() == pytest.approx(true[:, 2:].mean().item(), rel=1e-6)
+    assert fake.first_scale.item() == pytest.approx(true[:, 0].mean().item(), rel=1e-6)
+    fake.tracking = False
+    got = fake(x)
+    torch.testing.assert_close(got[:, :2], real(x)[:, :2], rtol=0, atol=0)
+    fake.freeze(shared_first_scale=False, part="first")
+    weight = real.weight + site.weight_offset
+    expected = x / torch.tensor([fake.first_scale.item()] * 2 + [fake.scale.item()] * 3)[:, None] * weight
+    torch.testing.assert_close(fake(x), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm_forward(fake, x.double(), site.weight_offset), expected.double(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_sink_positions_are_saved_with_the_norm_free_model(tmp_path):
+    config = replace(FAST, sink_positions=2)
+    loaded, result = _removed("llama", config)
+    frozen = [m for m in loaded.model.modules() if isinstance(m, FrozenNorm)]
+    assert frozen and all(m.first_positions == 2 and not m.live for m in frozen)
+    saved = save_norm_free(loaded, tmp_path / "norm-free", {})
+    entries = json.loads((saved / FROZEN_NORMS_FILE).read_text())["norms"]
+    assert {e["first_positions"] for e in entries} == {2}
+    reloaded = load_model(str(saved))
+    ids = torch.randint(0, loaded.tokenizer.vocab_size if hasattr(loaded.tokenizer, "vocab_size") else 100,
+                        (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(ids).logits, loaded.model(ids).logits)
+    # A file from before sink positions gave position 0 alone its own scale.
+    for entry in entries:
+        del entry["first_positions"]
+    (saved / FROZEN_NORMS_FILE).write_text(json.dumps({"format": 1, "norms": entries}))
+    assert {m.first_positions for m in load_model(str(saved)).model.modules() if isinstance(m, FrozenNorm)} == {1}
+
+
 def test_schedule_removes_pre_mlp_then_query_key_then_value_paths_then_final_then_position_zero():
     loaded = load_model("tiny-llama")
     sites = norm_sites(loaded)
