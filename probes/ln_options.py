@@ -54,6 +54,12 @@ class RemovalConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
     aux_weight: float = field(default=0.0, metadata={
         "help": "weight of the auxiliary loss keeping the final residual's per-token std near its mean"})
+    guard_weight: float = field(default=0.0, metadata={
+        "help": "weight of the loss keeping every token after the sink positions within --guard-ratio times "
+                "each norm's average scale: a token far above it (a new massive activation) overflows once "
+                "that norm is frozen (0: off)"})
+    guard_ratio: float = field(default=10.0, metadata={
+        "help": "how far above a norm's average scale a token may go before --guard-weight penalises it"})
     momentum: float = field(default=0.9, metadata={"help": "running-average momentum of each norm's scale"})
     shared_first_scale: bool = field(default=False, metadata={
         "help": "freeze one scale for every position (default: position 0, the BOS/sink token, gets its own)"})
@@ -71,7 +77,8 @@ class RemovalConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.start < 0 or self.lr_warmup < 0:
             raise UserError("start and lr_warmup must not be negative")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "momentum", "ce_weight"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "momentum", "ce_weight",
+                     "guard_weight", "guard_ratio"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -79,7 +86,9 @@ class RemovalConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             # Below 0 the cosine decay would drive the learning rate negative.
             raise UserError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
-        for name in ("weight_decay", "grad_clip", "aux_weight", "ce_weight"):
+        if not self.guard_ratio > 1:
+            raise UserError(f"guard_ratio must be above 1, got {self.guard_ratio}")
+        for name in ("weight_decay", "grad_clip", "aux_weight", "ce_weight", "guard_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         for name, choices in (("order", ("fixed", "sensitivity")), ("loss", ("auto", "distill", "ce"))):

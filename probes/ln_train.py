@@ -29,13 +29,13 @@ from layerscope.probes.families import get_module
 from layerscope.probes.ln_checkpoints import CHECKPOINT_FORMAT, check_resumable, load_checkpoint, save_checkpoint
 from layerscope.probes.ln_options import RemovalConfig
 from layerscope.probes.ln_schedule import FIRST, RemovalEvent, batch_for_step, learning_rate, removal_schedule
-from layerscope.probes.norms import (RemovableNorm, frozen_scales, token_scale, tracking, unwrap_norms,
-                                     value_split_roles, wrap_norms)
+from layerscope.probes.norms import (RemovableNorm, frozen_scales, guarding, token_scale, tracking,
+                                     unwrap_norms, value_split_roles, wrap_norms)
 from layerscope.probes.zoo import LoadedModel
 from layerscope.probes.replay import next_token_ce
 
 MASK_RATE = 0.15
-HISTORY_COLUMNS = ("step", "loss", "ce", "aux", "lr", "grad_norm", "removed")
+HISTORY_COLUMNS = ("step", "loss", "ce", "aux", "guard", "lr", "grad_norm", "removed")
 CURVE_COLUMNS = ("step", "role", "part", "ce_before", "ce_after")
 
 
@@ -145,7 +145,7 @@ class FineTuneResult:
     """What one fine-tuning run produced."""
 
     remove: bool
-    history: dict[str, list]  # step, loss, ce, aux, lr, grad_norm, removed
+    history: dict[str, list]  # step, loss, ce, aux, guard, lr, grad_norm, removed
     events: list[RemovalEvent]
     scales: list[dict]  # role, path, kind, scale, first_scale, weight_offset
     eval_before: float
@@ -157,8 +157,8 @@ class FineTuneResult:
 
     def loss_table(self, run: str | None = None) -> pd.DataFrame:
         """One row per step: run, step, training objective (KL to the original when
-        distilling), training cross-entropy, auxiliary loss, learning rate, gradient norm
-        and the number of norms removed so far."""
+        distilling), training cross-entropy, auxiliary loss, scale guard, learning rate,
+        gradient norm and the number of norms removed so far."""
         name = run or ("ln-removal" if self.remove else "vanilla")
         return pd.DataFrame({k: self.history.get(k, []) for k in HISTORY_COLUMNS}).assign(run=name)[
             ["run", *HISTORY_COLUMNS]]
@@ -262,7 +262,8 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             ids = batch_for_step(train, step, config.seed)
-            with tracking(wrapped):
+            guards = wrapped if config.guard_weight > 0 else {}
+            with tracking(wrapped), guarding(guards, config.guard_ratio) as guard_terms:
                 if loss_kind == "distill":
                     loss, ce = distill_loss(loaded, teacher, ids, config.seed * 7919 + step)
                     objective = loss + config.ce_weight * ce if config.ce_weight > 0 else loss
@@ -272,7 +273,8 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
             aux = aux_std_loss(captured.pop("x"), loaded.adapter.norm_kind,
                                0 if config.shared_first_scale else config.sink_positions) \
                 if hook is not None else torch.zeros(())
-            total = objective + config.aux_weight * aux
+            guard = torch.stack(guard_terms).mean() if guard_terms else torch.zeros(())
+            total = objective + config.aux_weight * aux + config.guard_weight * guard
             if not torch.isfinite(total):
                 _stop(step, f"loss is {total.item()}", checkpoint, last_saved)
             total.backward()
@@ -283,8 +285,9 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
             optimizer.step()
             removed = _removed(wrapped)
             for key, value in (("step", step), ("loss", loss.item()), ("ce", ce.item()), ("aux", aux.item()),
-                               ("lr", lr), ("grad_norm", grad_norm.item()), ("removed", removed)):
-                history[key].append(value)
+                               ("guard", guard.item()), ("lr", lr), ("grad_norm", grad_norm.item()),
+                               ("removed", removed)):
+                history.setdefault(key, []).append(value)
             bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}",
                             norms=f"{removed}/{len(wrapped)}" if remove else "kept")
             done = step + 1

@@ -155,12 +155,18 @@ class RemovableNorm(FrozenNorm):
         self.register_buffer("updates", torch.tensor(0))
         self.pending_value: torch.Tensor | None = None
         self.value_hook = None
+        # (ratio, list to append to) while a training step collects the scale guard's terms.
+        self.guard: tuple[float, list[torch.Tensor]] | None = None
 
     @property
     def live(self) -> bool:
         return not bool(self.frozen) or bool(self.first_live) or bool(self.value_live)
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        if self.guard is not None and int(self.updates) > 0 and x.shape[-2] > self.first_positions:
+            ratio, terms = self.guard
+            terms.append(scale_excess(x[..., self.first_positions:, :], self.kind, self.eps,
+                                      ratio * float(self.average[1])))
         if not bool(self.frozen):
             if self.tracking:
                 self._observe(x.detach())
@@ -220,6 +226,14 @@ class RemovableNorm(FrozenNorm):
         return (value, *args[1:])
 
 
+def scale_excess(x: Float[torch.Tensor, "batch pos d_model"], kind: NormKind, eps: float, limit: float
+                 ) -> torch.Tensor:
+    """Mean over tokens of relu(log(scale / limit))^2: zero for every token whose scale stays
+    under `limit`, growing slowly (logarithmically) with how far one goes past it."""
+    excess = torch.log(token_scale(x.float(), kind, eps) / limit).clamp_min(0)
+    return excess.square().mean()
+
+
 def value_projection(loaded: LoadedModel, site: NormSite) -> torch.nn.Module | None:
     """The value projection a pre-attention norm feeds, where it is a module of its own."""
     adapter = loaded.adapter
@@ -256,6 +270,20 @@ def unwrap_norms(loaded: LoadedModel, wrapped: dict[str, RemovableNorm]) -> None
         if wrapper.value_hook is not None:
             wrapper.value_hook.remove()
         swap_module(loaded.model, wrapper.site.path, wrapper.real)
+
+
+@contextlib.contextmanager
+def guarding(wrapped: dict[str, RemovableNorm], ratio: float) -> Iterator[list[torch.Tensor]]:
+    """While inside, every wrapper whose average is known appends the scale excess of its
+    tokens after the sink positions to the list yielded (see `scale_excess`)."""
+    terms: list[torch.Tensor] = []
+    for wrapper in wrapped.values():
+        wrapper.guard = (ratio, terms)
+    try:
+        yield terms
+    finally:
+        for wrapper in wrapped.values():
+            wrapper.guard = None
 
 
 @contextlib.contextmanager

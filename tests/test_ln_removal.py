@@ -3,6 +3,7 @@ disk, the payoff of fine-tuning, and the CLI's one-line errors."""
 
 import copy
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -96,6 +97,30 @@ def test_two_sink_positions_stay_live_then_share_position_zeros_scale():
     torch.testing.assert_close(fake(x), expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(norm_forward(fake, x.double(), site.weight_offset), expected.double(),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_the_scale_guard_penalises_only_tokens_past_the_sink_positions_far_above_the_average():
+    from layerscope.probes.norms import guarding
+
+    loaded = load_model("tiny-llama")
+    site = norm_sites(loaded)[0]
+    real = get_module(loaded.model, site.path)
+    fake = RemovableNorm(real, site, momentum=None, first_positions=2)
+    fake.average.copy_(torch.tensor([50.0, 2.0, 3.0], dtype=torch.float64))
+    fake.updates.fill_(1)
+    # Per-token scales (RMS, as eps is negligible): 40 and 30 at the sink positions, then 1, 2, 60, 8.
+    rms = torch.tensor([40.0, 30.0, 1.0, 2.0, 60.0, 8.0])
+    unit = torch.ones(1, 6, loaded.d_model)
+    x = (unit * rms[:, None]).requires_grad_(True)
+    with guarding({"n": fake}, ratio=3.0) as terms:
+        fake(x)
+    assert len(terms) == 1
+    # The limit is 3 x 2 = 6: tokens 60 and 8 are past it, the sink positions are not counted.
+    expected = (math.log(60 / 6) ** 2 + math.log(8 / 6) ** 2) / 4
+    assert terms[0].item() == pytest.approx(expected, rel=1e-5)
+    terms[0].backward()
+    assert x.grad[0, :4].abs().max() == 0 and x.grad[0, 4].abs().max() > 0
+    assert fake.guard is None, "the guard is off outside the block"
 
 
 def test_sink_positions_are_saved_with_the_norm_free_model(tmp_path):
@@ -389,7 +414,7 @@ def test_tables_flag_a_non_finite_control_and_summarize_against_vanilla():
     from layerscope.analysis.ln_removal import ln_removal_tables, loss_curve_figure, summarize
     from layerscope.probes.ln_removal import FineTuneResult, RemovalEvent
 
-    history = {"step": [0, 1], "loss": [3.0, 2.5], "ce": [3.0, 2.5], "aux": [0.0, 0.0], "lr": [1e-4, 1e-4], "grad_norm": [1.0, 1.0]}
+    history = {"step": [0, 1], "loss": [3.0, 2.5], "ce": [3.0, 2.5], "aux": [0.0, 0.0], "guard": [0.0, 0.0], "lr": [1e-4, 1e-4], "grad_norm": [1.0, 1.0]}
     removal = FineTuneResult(True, {**history, "removed": [0, 1]}, [RemovalEvent(1, "final_norm", "model.norm")],
                              [{"role": "final_norm", "scale": 2.0, "first_scale": 9.0}], 3.3, 3.5, 1.0, None)
     control = FineTuneResult(False, {**history, "removed": [0, 0]}, [], [], 3.3, 3.0, 1.0, None)

@@ -58,7 +58,7 @@ def test_remove_norms_returns_named_results_and_leaves_the_model_as_it_was(tmp_p
     options = RemovalOptions(config=FAST, runs_dir=tmp_path / "runs", checkpoint_every=3)
     result = remove_norms(loaded, train, evaluation, options)
     assert isinstance(result, RemovalResult)
-    assert list(result.loss.columns) == ["run", "step", "loss", "ce", "aux", "lr", "grad_norm", "removed"]
+    assert list(result.loss.columns) == ["run", "step", "loss", "ce", "aux", "guard", "lr", "grad_norm", "removed"]
     assert result.loss.groupby("run").size().to_dict() == {"ln-removal": 16, "vanilla": 16}
     assert result.loss[result.loss["run"] == "ln-removal"]["removed"].iloc[-1] == len(result.removal.scales)
     # Distilled from the untouched original; the control fine-tunes on cross-entropy.
