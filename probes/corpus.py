@@ -17,7 +17,7 @@ import re
 import stat
 import sys
 import sysconfig
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -384,6 +384,7 @@ class TokenWindows:
     corpus_sha256: str
     first_position: str
     corpus_file: dict | None = None  # a file's size, mtime and how many bytes were read (and hashed)
+    separator: str = "eos"
 
     @property
     def n_tokens(self) -> int:
@@ -398,8 +399,7 @@ class TokenWindows:
     def head(self, max_tokens: int) -> "TokenWindows":
         """The first windows holding at most `max_tokens` tokens (at least one window)."""
         keep = max(1, max_tokens // self.input_ids.shape[1])
-        return TokenWindows(self.spec, self.input_ids[:keep], self.corpus_sha256, self.first_position,
-                            self.corpus_file)
+        return replace(self, input_ids=self.input_ids[:keep])
 
     def manifest(self) -> dict:
         manifest = {
@@ -409,6 +409,7 @@ class TokenWindows:
             "windows": self.input_ids.shape[0],
             "tokens": self.n_tokens,
             "first_position": self.first_position,
+            "separator": self.separator,
             "python": sys.version.split()[0],
         }
         if self.corpus_file is not None:
@@ -417,11 +418,13 @@ class TokenWindows:
 
 
 def token_windows(spec: CorpusSpec, tokenizer, bos_token_id: int | None, max_context: int,
-                  skip_windows: int = 0) -> TokenWindows:
+                  skip_windows: int = 0, separator: str = "eos") -> TokenWindows:
     """Tokenise a corpus into `seq_len`-token windows, each starting with BOS when the family has one.
 
-    Documents are joined with EOS (when the tokenizer has one) and cut in order, so the
-    same spec always gives the same windows.  `skip_windows` drops that many windows
+    Documents are joined with EOS (when the tokenizer has one), or with a blank line for
+    `separator="blank-line"`, and cut in order, so the same spec always gives the same
+    windows.  A blank line keeps document starts out of the middle of windows, where a
+    model may treat the token after EOS as a second BOS.  `skip_windows` drops that many windows
     first, which gives disjoint train and evaluation splits of one corpus.
 
     A .txt or .jsonl file is read in pieces and only as far as the windows need, so memory
@@ -443,7 +446,7 @@ def token_windows(spec: CorpusSpec, tokenizer, bos_token_id: int | None, max_con
     n_windows = spec.max_tokens // spec.seq_len
     wanted = (n_windows + skip_windows) * body
     stream: list[int] = []
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    between = separator_ids(tokenizer, separator)
     any_text = False
     with _Corpus(spec.source) as corpus:
         for text in corpus.texts():
@@ -451,7 +454,7 @@ def token_windows(spec: CorpusSpec, tokenizer, bos_token_id: int | None, max_con
             if not non_blank:
                 continue
             any_text = True
-            stream += ids + (separator if whole else [])
+            stream += ids + (between if whole else [])
             if len(stream) >= wanted:
                 break
         corpus_sha256, corpus_file = corpus.identity()
@@ -468,4 +471,16 @@ def token_windows(spec: CorpusSpec, tokenizer, bos_token_id: int | None, max_con
         first = f"BOS token {bos_token_id} at position 0 of every window"
     else:
         first = "no BOS: position 0 is an ordinary corpus token"
-    return TokenWindows(spec, ids, corpus_sha256, first, corpus_file)
+    return TokenWindows(spec, ids, corpus_sha256, first, corpus_file, separator)
+
+
+DOCUMENT_SEPARATORS = ("eos", "blank-line")
+
+
+def separator_ids(tokenizer, separator: str) -> list[int]:
+    """The tokens put between two documents: EOS (none when the tokenizer has no EOS) or a blank line."""
+    if separator == "eos":
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if separator == "blank-line":
+        return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    raise UserError(f"separator must be one of {', '.join(DOCUMENT_SEPARATORS)}, got {separator!r}")

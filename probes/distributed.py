@@ -10,6 +10,7 @@ file is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TypeVar
 
@@ -61,7 +62,7 @@ def shard(windows: TokenWindows) -> tuple[TokenWindows, torch.Tensor]:
 
         raise UserError(f"{windows.input_ids.shape[0]} window(s) cannot be shared by {world_size()} ranks; "
                         "give more tokens or fewer processes")
-    return TokenWindows(windows.spec, windows.input_ids[index], windows.corpus_sha256, windows.first_position), index
+    return dataclasses.replace(windows, input_ids=windows.input_ids[index]), index
 
 
 def describe_shards(n_windows: int) -> dict:

@@ -109,6 +109,9 @@ class RemovalData:
     batch_size: int = field(default=8, metadata={"help": "windows per training step"})
     train_tokens: int = field(default=65536, metadata={"help": "training tokens (cycled when steps need more)"})
     eval_tokens: int = field(default=8192, metadata={"help": "evaluation tokens, after the training windows"})
+    separator: str = field(default="eos", metadata={
+        "help": "what joins documents in a window: eos, or blank-line, which keeps a second document start "
+                "(a token the model may make a second attention sink) out of the windows", "choices": ["eos", "blank-line"]})
 
     def __post_init__(self):
         # Checked here, before any model loads, rather than when the windows are cut.
@@ -120,10 +123,10 @@ class RemovalData:
         from layerscope.probes.corpus import CorpusSpec, token_windows
 
         train = token_windows(CorpusSpec(self.corpus, self.seq_len, self.train_tokens, self.batch_size),
-                              loaded.tokenizer, loaded.bos_token_id, loaded.max_context)
+                              loaded.tokenizer, loaded.bos_token_id, loaded.max_context, separator=self.separator)
         evaluation = token_windows(CorpusSpec(self.corpus, self.seq_len, self.eval_tokens, self.batch_size),
                                    loaded.tokenizer, loaded.bos_token_id, loaded.max_context,
-                                   skip_windows=train.input_ids.shape[0])
+                                   skip_windows=train.input_ids.shape[0], separator=self.separator)
         return train, evaluation
 
 

@@ -392,3 +392,25 @@ def test_a_200_mb_corpus_file_is_measured_in_flat_memory(tmp_path):
     peak = usage.ru_maxrss * 1024  # kilobytes on Linux
     assert child.returncode == 0, log.read_text()[-2000:]
     assert peak < MEMORY_CAP / 2, f"peak resident memory {peak / 2**20:.0f} MiB"
+
+
+
+def test_a_blank_line_joins_documents_in_place_of_eos(tmp_path, tokenizer):
+    """Two short documents, tokenised by hand: EOS between them by default, the tokens of a
+    blank line with `separator="blank-line"`, and then never an EOS."""
+    docs = ["alpha beta gamma. ", "one two three. "] * 4
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    spec = CorpusSpec(str(path), seq_len=8, max_tokens=32)
+    a, b = (tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs[:2])
+    blank = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for separator, between in (("eos", eos), ("blank-line", blank)):
+        stream = (a + between + b + between) * 4
+        expected = torch.cat([torch.full((4, 1), 256), torch.tensor(stream[:4 * 7]).view(4, 7)], dim=1)
+        windows = token_windows(spec, tokenizer, 256, 512, separator=separator)
+        assert torch.equal(windows.input_ids, expected), separator
+        assert windows.manifest()["separator"] == separator
+        assert bool(set(eos) & set(windows.input_ids.flatten().tolist())) == (separator == "eos" and bool(eos))
+    with pytest.raises(UserError, match="separator must be one of"):
+        token_windows(spec, tokenizer, 256, 512, separator="comma")
