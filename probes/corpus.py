@@ -409,9 +409,10 @@ class TokenWindows:
             "windows": self.input_ids.shape[0],
             "tokens": self.n_tokens,
             "first_position": self.first_position,
-            "separator": self.separator,
             "python": sys.version.split()[0],
         }
+        if self.separator != "eos":  # EOS joined every run before the choice existed
+            manifest["separator"] = self.separator
         if self.corpus_file is not None:
             manifest["corpus_file"] = self.corpus_file
         return manifest
