@@ -94,6 +94,7 @@ def save_ln_removal_run(result: RemovalResult, train: TokenWindows, evaluation: 
         "checkpoint_dir": str(Path(result.checkpoint_dir).resolve()),
         "results": {row.model: row.eval_ce for row in tables["ln_removal_eval"].itertuples()},
         "resumed_from_step": result.removal.resumed_from,
+        "skipped_steps": result.removal.skipped,
         "versions": package_versions(),
         "timings": {"total_seconds": result.seconds, "removal_seconds": result.removal.seconds,
                     "control_seconds": result.control.seconds if result.control else None},

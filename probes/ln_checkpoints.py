@@ -179,7 +179,7 @@ def load_checkpoint(path: Path) -> dict:
 
 # What a stopped run may change when it resumes: the remedies a non-finite loss suggests.
 # They act from the resumed step on, and the loss history's lr column shows the rate used.
-RETUNABLE_ON_RESUME = ("lr", "grad_clip")
+RETUNABLE_ON_RESUME = ("lr", "grad_clip", "max_skipped")
 
 
 def check_resumable(state: dict, path: Path, loaded: LoadedModel, config, data: dict, remove: bool) -> None:
@@ -194,7 +194,7 @@ def check_resumable(state: dict, path: Path, loaded: LoadedModel, config, data: 
     changed += [k for k, v in data.items() if state["data"].get(k) != v]
     if changed:
         raise UserError(f"--resume: settings differ from the checkpoint's ({', '.join(changed)}); "
-                        f"resume with the same command (only {' and '.join(RETUNABLE_ON_RESUME)} may change)")
+                        f"resume with the same command (only {', '.join(RETUNABLE_ON_RESUME)} may change)")
 
 
 # ---------------------------------------------------------------- the norm-free model on disk

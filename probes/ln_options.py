@@ -67,11 +67,17 @@ class RemovalConfig:
         "help": "leading positions that share position 0's own frozen scale: 2 also treats the token "
                 "after BOS as a sink, for models that sometimes put a massive activation there "
                 "(SmolLM2 does)", "min": 1, "max": 64})
+    max_skipped: int = field(default=0, metadata={
+        "help": "skip a batch whose loss or gradient is not finite, with no optimizer step, up to this many "
+                "times in the run (as PaLM skipped the batches of its loss spikes); 0: stop at the first",
+        "min": 0, "max": 1000})
     seed: int = field(default=0, metadata={"help": "seed of the batch order and of the masked-token draws"})
 
     def __post_init__(self):
         if not 1 <= self.sink_positions <= 64:
             raise UserError(f"sink_positions must be in 1..64, got {self.sink_positions}")
+        if not 0 <= self.max_skipped <= 1000:
+            raise UserError(f"max_skipped must be in 0..1000, got {self.max_skipped}")
         for name in ("steps", "gap_mlp", "gap_attn", "gap_v", "gap_final"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -13,7 +13,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +29,8 @@ from layerscope.probes.families import get_module
 from layerscope.probes.ln_checkpoints import CHECKPOINT_FORMAT, check_resumable, load_checkpoint, save_checkpoint
 from layerscope.probes.ln_options import RemovalConfig
 from layerscope.probes.ln_schedule import FIRST, RemovalEvent, batch_for_step, learning_rate, removal_schedule
-from layerscope.probes.norms import (RemovableNorm, frozen_scales, guarding, token_scale, tracking,
-                                     unwrap_norms, value_split_roles, wrap_norms)
+from layerscope.probes.norms import (RemovableNorm, frozen_scales, guarding, restore_averages, running_averages,
+                                     token_scale, tracking, unwrap_norms, value_split_roles, wrap_norms)
 from layerscope.probes.zoo import LoadedModel
 from layerscope.probes.replay import next_token_ce
 
@@ -154,6 +154,7 @@ class FineTuneResult:
     resumed_from: int | None
     loss: str = "ce"
     curve: list[dict] | None = None  # step, role, part, ce_before, ce_after per removal step
+    skipped: list[int] = field(default_factory=list)  # steps whose batch was skipped (non-finite)
 
     def loss_table(self, run: str | None = None) -> pd.DataFrame:
         """One row per step: run, step, training objective (KL to the original when
@@ -214,6 +215,7 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
     data = _data_manifest(train, evaluation, loss_kind, order if config.order == "sensitivity" else None)
     history: dict[str, list] = {k: [] for k in HISTORY_COLUMNS}
     curve: list[dict] = []
+    skipped: list[int] = []
     start, resumed_from, elapsed = 0, None, 0.0
     if checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
@@ -222,6 +224,7 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
         optimizer.load_state_dict(state["optimizer"])
         history, start, elapsed = state["history"], state["step"], state["seconds"]
         eval_before, resumed_from, curve = state["eval_before"], state["step"], state["curve"]
+        skipped = list(state.get("skipped", []))
     model.eval()  # no dropout: the papers fine-tune without it, and it keeps resumes exact
     if eval_before is None:
         eval_before = eval_ce(loaded, evaluation)
@@ -262,6 +265,7 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             ids = batch_for_step(train, step, config.seed)
+            averages = running_averages(wrapped) if config.max_skipped > 0 else None
             guards = wrapped if config.guard_weight > 0 else {}
             with tracking(wrapped), guarding(guards, config.guard_ratio) as guard_terms:
                 if loss_kind == "distill":
@@ -275,28 +279,36 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
                 if hook is not None else torch.zeros(())
             guard = torch.stack(guard_terms).mean() if guard_terms else torch.zeros(())
             total = objective + config.aux_weight * aux + config.guard_weight * guard
-            if not torch.isfinite(total):
-                _stop(step, f"loss is {total.item()}", checkpoint, last_saved)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf"))
-            if not torch.isfinite(grad_norm):
-                _stop(step, f"gradient norm is {grad_norm.item()}", checkpoint, last_saved)
-            optimizer.step()
-            removed = _removed(wrapped)
-            for key, value in (("step", step), ("loss", loss.item()), ("ce", ce.item()), ("aux", aux.item()),
-                               ("guard", guard.item()), ("lr", lr), ("grad_norm", grad_norm.item()),
-                               ("removed", removed)):
-                history.setdefault(key, []).append(value)
-            bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}",
-                            norms=f"{removed}/{len(wrapped)}" if remove else "kept")
+            problem = f"loss is {total.item()}" if not torch.isfinite(total) else None
+            if problem is None:
+                total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf"))
+                problem = f"gradient norm is {grad_norm.item()}" if not torch.isfinite(grad_norm) else None
+            if problem is not None:
+                if len(skipped) >= config.max_skipped:
+                    _stop(step, problem, checkpoint, last_saved)
+                restore_averages(wrapped, averages)
+                skipped.append(step)
+                if progress:
+                    bar.write(f"step {step}: {problem}; its batch is skipped "
+                              f"({len(skipped)} of at most {config.max_skipped})")
+            else:
+                optimizer.step()
+                removed = _removed(wrapped)
+                for key, value in (("step", step), ("loss", loss.item()), ("ce", ce.item()), ("aux", aux.item()),
+                                   ("guard", guard.item()), ("lr", lr), ("grad_norm", grad_norm.item()),
+                                   ("removed", removed)):
+                    history.setdefault(key, []).append(value)
+                bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}",
+                                norms=f"{removed}/{len(wrapped)}" if remove else "kept")
             done = step + 1
             if checkpoint is not None and (done % checkpoint_every == 0 or done == config.steps):
                 save_checkpoint({
                     "format": CHECKPOINT_FORMAT, "model": loaded.spec.name, "weights_hash": loaded.weights_hash,
                     "remove": remove, "config": asdict(config), "data": data, "step": done,
                     "model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "history": history, "curve": curve, "eval_before": eval_before,
+                    "history": history, "curve": curve, "skipped": skipped, "eval_before": eval_before,
                     "seconds": elapsed + time.perf_counter() - started,
                 }, checkpoint)
                 last_saved = done
@@ -309,13 +321,14 @@ def fine_tune(loaded: LoadedModel, train: TokenWindows, evaluation: TokenWindows
     seconds = elapsed + time.perf_counter() - started
     return FineTuneResult(remove, history, events, frozen_scales(wrapped), eval_before,
                           eval_ce(loaded, evaluation), seconds, resumed_from, loss_kind,
-                          curve if curve_windows is not None else None)
+                          curve if curve_windows is not None else None, skipped)
 
 
 def _stop(step: int, what: str, checkpoint: Path | None, last_saved: int | None) -> None:
     kept = (f"the last good checkpoint, with {last_saved} steps done, is kept in {checkpoint}"
             if last_saved is not None else "no checkpoint had been written yet")
-    raise LossNotFinite(f"{what} at step {step}: stopped; {kept}; lower --lr or raise --grad-clip and --resume")
+    raise LossNotFinite(f"{what} at step {step}: stopped; {kept}; "
+                        "lower --lr, raise --grad-clip or give --max-skipped, and --resume")
 
 
 @torch.no_grad()

@@ -298,6 +298,18 @@ def tracking(wrapped: dict[str, RemovableNorm]) -> Iterator[None]:
             wrapper.tracking = False
 
 
+def running_averages(wrapped: dict[str, RemovableNorm]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of each wrapper's running average and update count, to put back with
+    `restore_averages` when a step's batch is skipped."""
+    return {role: (w.average.clone(), w.updates.clone()) for role, w in wrapped.items()}
+
+
+def restore_averages(wrapped: dict[str, RemovableNorm], saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for role, (average, updates) in saved.items():
+        wrapped[role].average.copy_(average)
+        wrapped[role].updates.copy_(updates)
+
+
 def frozen_scales(wrapped: dict[str, RemovableNorm]) -> list[dict]:
     """role, path, kind, scale, first_scale, first_positions and weight_offset of every
     frozen wrapper."""

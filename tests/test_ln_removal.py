@@ -295,6 +295,35 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
 
 
+def test_a_non_finite_batch_is_skipped_without_a_step_and_leaves_the_scale_averages_alone(tmp_path):
+    """With `max_skipped`, a batch whose forward overflows is dropped: no optimizer step, no
+    history row, and the running scale averages it touched are put back, so the norms frozen
+    after it get finite scales.  Without it the same batch stops the run."""
+    poisoned, at = 3, {"step": 0}
+
+    def overflow(module, args, output):
+        return output * float("inf") if at["step"] == poisoned else None
+
+    def advance(step):
+        at["step"] = step + 1
+
+    loaded = load_model("tiny-llama")
+    loaded.model.get_input_embeddings().register_forward_hook(overflow)
+    train, evaluation = SMALL_DATA.windows(loaded)
+    with pytest.raises(LossNotFinite, match=r"loss is nan at step 3: stopped"):
+        fine_tune(copy.deepcopy(loaded), train, evaluation, FAST, on_step=advance)
+    at["step"] = 0
+    result = fine_tune(loaded, train, evaluation, replace(FAST, max_skipped=1), on_step=advance,
+                       checkpoint=tmp_path / "s.pt", checkpoint_every=4)
+    assert result.skipped == [poisoned]
+    assert result.history["step"] == [s for s in range(FAST.steps) if s != poisoned]
+    later = {e.role for e in result.events if e.step > poisoned}
+    assert later and all(math.isfinite(s["scale"]) and math.isfinite(s["first_scale"])
+                         for s in result.scales if s["role"] in later)
+    assert math.isfinite(result.eval_after)
+    assert load_checkpoint(tmp_path / "s.pt")["skipped"] == [poisoned]
+
+
 @pytest.fixture(scope="module")
 def trained_llama():
     """tiny-llama made a language model of the default corpus by a short fine-tune, so its
