@@ -21,7 +21,7 @@ navigation = st.navigation({
     "Runs": [st.Page("page_runs.py", title="Stored runs", url_path="runs"),
              st.Page("page_compare.py", title="Compare", url_path="compare"),
              st.Page("page_placements.py", title="Norm placements", url_path="placements")],
-})
+}, expanded=True)  # every measurement in view: a folded list hides the later ones behind an extra click
 ui.sidebar_inputs()
 ui.keep_option_values()
 navigation.run()

@@ -93,9 +93,6 @@ def main() -> int:
             session.locator("[data-testid='stSidebarNavLink']").first.wait_for(timeout=240_000)
 
             def click_link(title: str) -> None:
-                more = session.get_by_text(re.compile(r"^View \d+ more$"))  # a long sidebar is folded
-                if more.count():
-                    more.click()
                 session.locator("[data-testid='stSidebarNavLink']", has_text=re.compile(f"^{re.escape(title)}$")).click()
 
             def settled(title: str) -> None:

@@ -156,10 +156,7 @@ CHARTS_JS = """
 
 
 def _nav(page, title: str) -> None:
-    """Click a page in the sidebar, first unfolding the list where Streamlit shortened it."""
-    more = page.get_by_text(re.compile(r"^View \d+ more$"))
-    if more.count():
-        more.click()
+    """Click a page in the sidebar (the app lists every page, never a folded list)."""
     page.locator("[data-testid='stSidebarNavLink']", has_text=re.compile(f"^{re.escape(title)}$")).click()
 
 
