@@ -418,6 +418,18 @@ class TokenWindows:
         return manifest
 
 
+DOCUMENT_SEPARATORS = ("eos", "blank-line")
+
+
+def separator_ids(tokenizer, separator: str) -> list[int]:
+    """The tokens put between two documents: EOS (none when the tokenizer has no EOS) or a blank line."""
+    if separator == "eos":
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if separator == "blank-line":
+        return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+    raise UserError(f"separator must be one of {', '.join(DOCUMENT_SEPARATORS)}, got {separator!r}")
+
+
 def token_windows(spec: CorpusSpec, tokenizer, bos_token_id: int | None, max_context: int,
                   skip_windows: int = 0, separator: str = "eos") -> TokenWindows:
     """Tokenise a corpus into `seq_len`-token windows, each starting with BOS when the family has one.
@@ -474,14 +486,3 @@ def token_windows(spec: CorpusSpec, tokenizer, bos_token_id: int | None, max_con
         first = "no BOS: position 0 is an ordinary corpus token"
     return TokenWindows(spec, ids, corpus_sha256, first, corpus_file, separator)
 
-
-DOCUMENT_SEPARATORS = ("eos", "blank-line")
-
-
-def separator_ids(tokenizer, separator: str) -> list[int]:
-    """The tokens put between two documents: EOS (none when the tokenizer has no EOS) or a blank line."""
-    if separator == "eos":
-        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if separator == "blank-line":
-        return list(tokenizer("\n\n", add_special_tokens=False)["input_ids"])
-    raise UserError(f"separator must be one of {', '.join(DOCUMENT_SEPARATORS)}, got {separator!r}")

@@ -117,7 +117,8 @@ class RemovalData:
     eval_tokens: int = field(default=8192, metadata={"help": "evaluation tokens, after the training windows"})
     separator: str = field(default="eos", metadata={
         "help": "what joins documents in a window: eos, or blank-line, which keeps a second document start "
-                "(a token the model may make a second attention sink) out of the windows", "choices": ["eos", "blank-line"]})
+                "(a token the model may make a second attention sink) out of the windows",
+        "choices": ["eos", "blank-line"]})  # corpus.DOCUMENT_SEPARATORS, named here without importing torch
 
     def __post_init__(self):
         # Checked here, before any model loads, rather than when the windows are cut.

@@ -394,7 +394,6 @@ def test_a_200_mb_corpus_file_is_measured_in_flat_memory(tmp_path):
     assert peak < MEMORY_CAP / 2, f"peak resident memory {peak / 2**20:.0f} MiB"
 
 
-
 def test_a_blank_line_joins_documents_in_place_of_eos(tmp_path, tokenizer):
     """Two short documents, tokenised by hand: EOS between them by default, the tokens of a
     blank line with `separator="blank-line"`, and then never an EOS."""
