@@ -10,6 +10,7 @@ file is ever unpickled.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from typing import TypeVar
@@ -32,7 +33,17 @@ def active() -> bool:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # A group still open when the interpreter exits can abort the process as gloo's
+        # threads are torn down ("terminate called without an active exception").
+        atexit.register(_leave_group)
     return dist.get_world_size() > 1
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
